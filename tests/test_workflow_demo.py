@@ -75,3 +75,18 @@ def test_report_builds(demo_run):
 def test_lint_is_clean(demo_run):
     proc = _snakemake(demo_run, "--lint", check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_every_step_records_its_wall_time(demo_run):
+    """Each job's `benchmark:` TSV is there, and `brainfoundry walltime` adds them up per step."""
+    from brainfoundry.walltime import read_benchmarks, summarize
+
+    jobs = read_benchmarks(demo_run / "results" / "benchmarks")
+    steps = set(jobs["step"])
+    assert {"parcellate", "pfc", "shards", "pretrain", "evaluate"} <= steps, steps
+    assert (jobs["seconds"] > 0).all()
+    summary = summarize(jobs)
+    assert summary.iloc[-1]["step"] == "all"
+    assert summary.iloc[-1]["jobs"] == len(jobs)
+    pretrain = jobs[jobs["step"] == "pretrain"]
+    assert sorted(pretrain["job"]) == ["pretrain/brainlm", "pretrain/brainmass", "pretrain/lcm"]

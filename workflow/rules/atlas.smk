@@ -21,6 +21,8 @@ if ENTRY == "timeseries":
             space=SPACE,
         log:
             f"{RESULTS}/logs/atlas_prepare/space-{SPACE}_seg-{ATLAS}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/atlas_prepare/space-{SPACE}_seg-{ATLAS}.tsv",
         threads: 1
         resources:
             mem_mb=2000,
@@ -49,6 +51,8 @@ else:
             space=SPACE,
         log:
             f"{RESULTS}/logs/atlas_prepare/space-{SPACE}_seg-{ATLAS}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/atlas_prepare/space-{SPACE}_seg-{ATLAS}.tsv",
         threads: 1
         resources:
             mem_mb=2000,

@@ -30,6 +30,8 @@ if ENTRY == "raw":
                 cmd=bf_fmriprep.shell_param(config, _subject),
             log:
                 f"{RESULTS}/logs/fmriprep/sub-{_subject}.log",
+            benchmark:
+                f"{RESULTS}/benchmarks/fmriprep/sub-{_subject}.tsv",
             threads: 8
             resources:
                 mem_mb=16000,

@@ -34,6 +34,8 @@ if ENTRY != "timeseries":
             space=SPACE,
         log:
             f"{RESULTS}/logs/parcellate/sub-{{subject}}/{{run_id}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/parcellate/sub-{{subject}}/{{run_id}}.tsv",
         # One thread decompresses (ISA-L), the other averages parcels as the volumes arrive.
         threads: 2
         resources:
@@ -80,6 +82,8 @@ if ENTRY != "timeseries":
             ),
         log:
             f"{RESULTS}/logs/qc_figures/sub-{{subject}}/{{run_id}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/qc_figures/sub-{{subject}}/{{run_id}}.tsv",
         threads: 1
         resources:
             mem_mb=1000,

@@ -23,6 +23,8 @@ rule pfc:
         method=PFC["method"],
     log:
         f"{RESULTS}/logs/pfc/sub-{{subject}}/{{run_id}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pfc/sub-{{subject}}/{{run_id}}.tsv",
     threads: 1
     resources:
         mem_mb=2000,

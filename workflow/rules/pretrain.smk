@@ -43,6 +43,8 @@ rule pretrain:
         launcher=lambda wildcards, resources: launcher(resources.gpu),
     log:
         f"{RESULTS}/logs/pretrain/{{family}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{family}}.tsv",
     threads: int(PRETRAIN.get("threads", 2))
     resources:
         gpu=int(PRETRAIN.get("gpus", 0)),

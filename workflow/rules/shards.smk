@@ -17,6 +17,8 @@ rule bucket_runs:
         rows=lambda wildcards: bucket_rows_json(RUNS, int(wildcards.bucket)),
     log:
         f"{RESULTS}/logs/shards/{ATLAS}/bucket-{{bucket}}.runs.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shards/{ATLAS}/bucket-{{bucket}}.runs.tsv",
     localrule: True
     run:
         write_bucket_runs(params.rows, output[0], log=log[0])
@@ -44,6 +46,8 @@ rule shard:
         atlas=ATLAS,
     log:
         f"{RESULTS}/logs/shards/{ATLAS}/bucket-{{bucket}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shards/{ATLAS}/bucket-{{bucket}}.tsv",
     threads: 1
     resources:
         mem_mb=4000,
@@ -68,6 +72,8 @@ rule manifest:
         norm_stats=LAYOUT.norm_stats,
     log:
         f"{RESULTS}/logs/shards/{ATLAS}/manifest.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shards/{ATLAS}/manifest.tsv",
     threads: 1
     resources:
         mem_mb=4000,

@@ -21,6 +21,8 @@ if ENTRY == "timeseries":
             options=lambda wildcards: import_options(run_row(wildcards), config),
         log:
             f"{RESULTS}/logs/import_timeseries/sub-{{subject}}/{{run_id}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/import_timeseries/sub-{{subject}}/{{run_id}}.tsv",
         threads: 1
         resources:
             mem_mb=1000,
