@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from brainfoundry.evaluate.workflow import eval_settings, evaluation_targets, task_tables
+from brainfoundry.evaluate.workflow import eval_settings, evaluation_targets, pseudo_label_settings, task_tables
 from conftest import bin_path
 
 # Two ASD and two control subjects from each of three sites (one female among them: sex is a target
@@ -38,6 +38,19 @@ def test_eval_settings_follow_the_brainlm_model():
     assert "E/verdict.png" in evaluation_targets("E", ev)
     explicit = eval_settings({"evaluate": {"window": 200, "patch": 25, "context": 150, "horizon": 50}})
     assert (explicit["window"], explicit["patch"], explicit["context"], explicit["horizon"]) == (200, 25, 150, 50)
+
+
+def test_pseudo_label_settings_are_the_lcm_pretraining_ones_with_overrides():
+    config = {"seed": 7, "shards": {"window": 100},
+              "pretrain": {"trainer": {"steps": 1000, "lr": 0.001},
+                           "lcm": {"trainer": {"label_fraction": 0.5}, "model": {"dim": 32}}},
+              "evaluate": {"pseudo_label_trainer": {"steps": 200}}}
+    ev = eval_settings(config, ["lcm"])
+    settings = pseudo_label_settings(config, ev)
+    assert settings["lcm"]["trainer"] == {"label_fraction": 0.5, "steps": 200}
+    assert settings["lcm"]["model"] == {"dim": 32}
+    assert settings["trainer"]["steps"] == 1000 and settings["trainer"]["seed"] == 7
+    assert pseudo_label_settings({"pretrain": {}}, eval_settings({}, ["lcm"]))["lcm"]["trainer"] == {}
 
 
 def _config(repo_root: Path, data: dict[str, Path]) -> dict:

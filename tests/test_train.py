@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -297,6 +298,29 @@ def test_finetune_assigns_pseudo_labels_to_unlabeled_training_runs_only(shards, 
     with pytest.raises(InputError, match="holds a brainmass model"):
         train("lcm", tmp_path / "ft3", shards=shards, train_config=cfg, mode="finetune",
               init=tmp_path / "pre_m" / "model.pt")
+
+
+def test_label_fraction_hides_some_training_labels_and_they_get_pseudo_labels(shards, tmp_path):
+    train("lcm", tmp_path / "pre", shards=shards, model_config=MODELS["lcm"], train_config=config(steps=2))
+    cfg = config(steps=1, threshold=0.0, target="diagnosis", label_fraction=0.5)
+    source = ShardSource(shards, cfg, WINDOW, need_pfc=True)
+    manifest = source.manifest()
+    labelled_train = manifest[(manifest["split"] == "train") & manifest["diagnosis"].notna()]
+    seen = source.env_values(list(manifest.index), ["diagnosis", "sex"])
+    hidden = {r for r, v in zip(manifest.index, seen["diagnosis"]) if v is None} & set(labelled_train.index)
+    # About half of the labelled training subjects lose the label (whole subjects), none outside training,
+    # and only the target's label is hidden.
+    assert 0 < len(hidden) < len(labelled_train)
+    assert labelled_train.loc[sorted(hidden)].groupby("subject").size().sum() == \
+        labelled_train[labelled_train["subject"].isin(labelled_train.loc[sorted(hidden), "subject"])].shape[0]
+    assert all(v is not None for r, v in zip(manifest.index, seen["diagnosis"])
+               if manifest.loc[r, "split"] != "train" and pd.notna(manifest.loc[r, "diagnosis"]))
+    assert [v for v in seen["sex"]] == manifest["sex"].tolist()
+    train("lcm", tmp_path / "ft", shards=shards, train_config=cfg, mode="finetune", init=tmp_path / "pre" / "model.pt")
+    pseudo = set(torch.load(tmp_path / "ft" / "model.pt", weights_only=False)["pseudo_labels"])
+    assert hidden <= pseudo
+    with pytest.raises(ConfigError, match="label_fraction"):
+        config(label_fraction=1.5).validate()
 
 
 def test_finetune_model_from_another_atlas(shards, tmp_path):

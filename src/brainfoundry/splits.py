@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 SPLITS = ("train", "val", "test")
 
 
-def _unit_hash(*parts: object) -> float:
+def unit_hash(*parts: object) -> float:
     """A number in [0, 1) from a stable hash of the parts (Python's hash() is salted per process)."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -33,7 +33,7 @@ def split_of(subject: str, seed: int, ratios: Mapping[str, float], site: str | N
     total = sum(float(ratios[name]) for name in SPLITS)
     if total <= 0:
         raise ValueError(f"split ratios must sum to a positive number, got {dict(ratios)}")
-    u = _unit_hash("split", seed, subject)
+    u = unit_hash("split", seed, subject)
     edge = 0.0
     for name in SPLITS:
         edge += float(ratios[name]) / total

@@ -93,6 +93,10 @@ class TrainConfig:
     threshold: float = 0.9
     pseudo_weight: float = 1.0
     context: list = dataclasses.field(default_factory=list)
+    #: Fraction of training subjects whose ``target`` label the trainer may see, in pretraining and
+    #: fine-tuning alike; the others' label is hidden (chosen per subject by a seeded hash), so that the
+    #: pseudo-label pass has unlabelled training runs to label, as in the LCM's semi-supervised setting.
+    label_fraction: float = 1.0
 
     def validate(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "checkpoint_every": self.checkpoint_every,
@@ -110,6 +114,8 @@ class TrainConfig:
             raise ConfigError("trainer.short_runs", f"must be 'skip' or 'pad', got {self.short_runs!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError("trainer.threshold", f"must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            raise ConfigError("trainer.label_fraction", f"must be in [0, 1], got {self.label_fraction}")
 
 
 #: Settings that do not change the trajectory: a checkpoint may be resumed across changes of these.
@@ -275,6 +281,7 @@ class ShardSource:
         self.fingerprint = digest.hexdigest()[:16]
         self._manifest = None
         self._lookup: dict[str, dict[str, Any]] | None = None
+        self._hidden: frozenset[str] = frozenset()
 
     def describe(self) -> str:
         return f"{self.shards} (atlas {self.atlas}, {len(self.parcel_names)} parcels)"
@@ -314,11 +321,27 @@ class ShardSource:
         return frame[frame["split"] == split]
 
     def env_values(self, run_ids: Sequence[str], names: Sequence[str]) -> dict[str, list[Any]]:
-        """Raw phenotype values of these runs from the manifest (None where absent)."""
+        """Raw phenotype values of these runs from the manifest (None where absent or hidden)."""
         if self._lookup is None:
             frame = self.manifest()
             self._lookup = {c: dict(zip(frame.index, frame[c].tolist())) for c in frame.columns}
-        return {name: [self._lookup.get(name, {}).get(r) for r in run_ids] for name in names}
+            self._hidden = hidden_label_runs(frame, self.cfg.label_fraction, self.cfg.seed)
+        out = {name: [self._lookup.get(name, {}).get(r) for r in run_ids] for name in names}
+        if self.cfg.target in out and self._hidden:
+            out[self.cfg.target] = [None if r in self._hidden else v for r, v in zip(run_ids, out[self.cfg.target])]
+        return out
+
+
+def hidden_label_runs(manifest, label_fraction: float, seed: int) -> frozenset[str]:
+    """Training runs whose subject's label is hidden: a seeded per-subject draw keeps ``label_fraction``."""
+    if label_fraction >= 1.0:
+        return frozenset()
+    from brainfoundry.splits import unit_hash
+
+    train = manifest[manifest["split"] == "train"]
+    hidden = [run_id for run_id, subject in zip(train.index, train["subject"].astype(str))
+              if unit_hash("label", seed, subject) >= label_fraction]
+    return frozenset(map(str, hidden))
 
 
 class Batches:
@@ -486,7 +509,9 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
     pseudo: dict[str, tuple[int, float]] = {}
     if mode == "finetune":
         pseudo = _pseudo_label_pass(model, source, cfg, dist, local_bs, env_names)
-        log(f"[lcm] {len(pseudo)} pseudo-labels for {cfg.target!r} at threshold {cfg.threshold}")
+        hidden = len(getattr(source, "_hidden", ()))
+        log(f"[lcm] {len(pseudo)} pseudo-labels for {cfg.target!r} at threshold {cfg.threshold} "
+            f"({hidden} training runs with the label hidden, label_fraction {cfg.label_fraction})")
 
     # -- resume ------------------------------------------------------------------------------------------------
     start_step, history = 0, []

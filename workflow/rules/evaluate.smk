@@ -8,15 +8,15 @@
 import json
 
 from brainfoundry.evaluate import workflow as evalwf
-from brainfoundry.train import workflow_settings
 
 EVAL = evalwf.eval_settings(config, globals().get("PRETRAIN_FAMILIES"))
 EVAL_DIR = f"{RESULTS}/evaluation"
 EVAL_OPTIONS = evalwf.options_json(EVAL)
 EVAL_MODELS = EVAL["models"]
 EVALUATION_TARGETS = evalwf.evaluation_targets(EVAL_DIR, EVAL)
-# The LCM's trainer settings (as the pretrain rule passes them), reused for its pseudo-label fine-tuning.
-PSEUDO_LABEL_SETTINGS = json.dumps(workflow_settings(config, "lcm"), sort_keys=True)
+# The LCM's trainer settings (as the pretrain rule passes them, evaluate.pseudo_label_trainer on top),
+# reused for its pseudo-label fine-tuning.
+PSEUDO_LABEL_SETTINGS = json.dumps(evalwf.pseudo_label_settings(config, EVAL), sort_keys=True)
 
 
 rule evaluate_lcm_pseudolabel:
@@ -32,6 +32,8 @@ rule evaluate_lcm_pseudolabel:
         settings=lambda wildcards: PSEUDO_LABEL_SETTINGS,
     log:
         f"{RESULTS}/logs/evaluate/lcm_pseudolabel_{{target}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/lcm_pseudolabel_{{target}}.tsv",
     wildcard_constraints:
         target="[A-Za-z0-9_]+",
     threads: 1
@@ -60,6 +62,8 @@ rule evaluate_folds:
         options=lambda wildcards: EVAL_OPTIONS,  # JSON holds braces: keep it out of wildcard formatting
     log:
         f"{RESULTS}/logs/evaluate/folds.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/folds.tsv",
     threads: 1
     resources:
         mem_mb=4000,
@@ -85,6 +89,8 @@ rule evaluate_embed:
         options=lambda wildcards: EVAL_OPTIONS,
     log:
         f"{RESULTS}/logs/evaluate/embed_{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/embed_{{model}}.tsv",
     wildcard_constraints:
         model="|".join(EVAL_MODELS) or "none",
     threads: 1
@@ -122,6 +128,8 @@ rule evaluate_task:
         args=lambda wildcards, input: evalwf.task_args(input),
     log:
         f"{RESULTS}/logs/evaluate/{{model}}_{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{model}}_{{task}}.tsv",
     wildcard_constraints:
         model="|".join(EVAL_MODELS + ["baseline"]),
         task="|".join(EVAL["tasks"]),
@@ -161,6 +169,8 @@ rule evaluate_examples:
         options=lambda wildcards: EVAL_OPTIONS,
     log:
         f"{RESULTS}/logs/evaluate/examples_{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/examples_{{model}}.tsv",
     wildcard_constraints:
         model="|".join(EVAL_MODELS) or "none",
     threads: 1
@@ -217,6 +227,8 @@ rule evaluate_merge:
         tasks=" ".join(evalwf.baseline_tasks(EVAL)),
     log:
         f"{RESULTS}/logs/evaluate/merge.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/merge.tsv",
     threads: 1
     resources:
         mem_mb=2000,

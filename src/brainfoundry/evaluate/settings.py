@@ -64,6 +64,8 @@ class EvalSettings:
     probes: list[str] = field(default_factory=lambda: ["logistic", "svm"])
     # Categorical targets of the LCM's pseudo-label fine-tuning (the trainer's finetune mode), one model each.
     pseudo_label_targets: list[str] = field(default_factory=lambda: ["diagnosis"])
+    # Trainer keys for that fine-tuning over the LCM's own (e.g. fewer steps than pretraining).
+    pseudo_label_trainer: dict = field(default_factory=dict)
     n_permutations: int = 5
     # Schaefer-400 7-network label image and its order file, for the majority vote when the atlas labels
     # TSV has no network column; the parcel atlas image comes from the atlas step (or atlas.path).

@@ -54,6 +54,17 @@ def pseudo_label_file(results: str, target: str) -> str:
     return f"{results}/models/lcm_pseudolabel/{target}/model.pt"
 
 
+def pseudo_label_settings(config: Mapping[str, Any], ev: Mapping[str, Any]) -> dict[str, Any]:
+    """The LCM's trainer settings as the pretrain rule passes them, with ``pseudo_label_trainer`` on top."""
+    from brainfoundry.train import workflow_settings
+
+    settings = workflow_settings(config, "lcm")
+    lcm = dict(settings["lcm"])
+    lcm["trainer"] = {**dict(lcm.get("trainer") or {}), **dict(ev.get("pseudo_label_trainer") or {})}
+    settings["lcm"] = lcm
+    return settings
+
+
 def pseudo_label_targets(ev: Mapping[str, Any]) -> list[str]:
     return list(ev.get("pseudo_label_targets", ["diagnosis"])) if "lcm" in ev["models"] else []
 
