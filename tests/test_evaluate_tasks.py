@@ -113,7 +113,12 @@ def test_embedding_tasks_equal_fc_baselines_when_the_embedding_is_fc(evs, settin
     assert len(b) and b.index.equals(m.index)
     np.testing.assert_allclose(m.to_numpy(), b.to_numpy(), atol=1e-6)
     # the synthetic diagnosis changes a network coupling: FC finds it
-    auc = _agg(base, "fc_linear").set_index(["target", "metric"])["value"]
+    # Both scopes for the model and the baseline: all subjects ('cv') and those outside the pretraining
+    # split ('cv_heldout', fewer test subjects on the same folds).
+    for table, method in ((base, "fc_linear"), (model, "logistic_probe")):
+        scopes = _agg(table, method).groupby("split")["n"].max()
+        assert set(scopes.index) == {"cv", "cv_heldout"} and scopes["cv_heldout"] < scopes["cv"]
+    auc = _agg(base[base["split"] == "cv"], "fc_linear").set_index(["target", "metric"])["value"]
     assert auc[("diagnosis", "auc")] > 0.8
     assert {("age", "mae"), ("age", "r")} <= set(auc.index)
 
@@ -215,3 +220,23 @@ def test_merge_writes_table_summary_and_plots(evs, settings, folds, tmp_path):
     assert all(p.stat().st_size > 1000 for p in plots)
     plot_verdict(table, tmp_path / "verdict.png")
     assert (tmp_path / "verdict.png").stat().st_size > 1000
+
+
+def test_verdict_compares_on_subjects_outside_pretraining_when_scored_there():
+    """A model scored on all subjects and on those outside its pretraining split is judged on the latter,
+    against the baseline on the same scope (not the baseline's best scope, not the model's best)."""
+    from brainfoundry.evaluate.table import tidy
+
+    def row(split, value, lo, hi):
+        return {"method": "m", "target": "diagnosis", "condition": "", "split": split, "fold": "all", "seed": -1,
+                "metric": "auc", "value": value, "ci_low": lo, "ci_high": hi, "n": 10}
+
+    model = tidy(pd.DataFrame([row("cv", 0.90, 0.85, 0.95), row("cv_heldout", 0.60, 0.55, 0.65)]),
+                 "brainlm", "phenotype", False)
+    base = tidy(pd.DataFrame([row("cv", 0.70, 0.66, 0.74), row("cv_heldout", 0.75, 0.70, 0.80)]),
+                "baseline", "phenotype", True)
+    ver = verdict(pd.concat([model, base], ignore_index=True)).iloc[0]
+    assert (ver["split"], ver["model_value"], ver["baseline_value"], ver["verdict"]) == ("cv_heldout", 0.60, 0.75, "worse")
+    # Without a held-out scope the all-subject rows are compared.
+    ver = verdict(pd.concat([model[model["split"] == "cv"], base], ignore_index=True)).iloc[0]
+    assert (ver["split"], ver["model_value"], ver["baseline_value"], ver["verdict"]) == ("cv", 0.90, 0.70, "better")

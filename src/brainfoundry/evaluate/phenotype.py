@@ -86,6 +86,8 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
     subjects, feats = subjects[finite], {k: (p, x[finite]) for k, (p, x) in feature_sets.items()}
     label_subjects = set(adapter.label_subjects) if adapter is not None else set()
     split = "cv_heldout" if label_subjects else "cv"
+    pretrain_subjects = (evalset.runs.loc[evalset.runs["split"] == "train", "subject"].astype(str).unique()
+                         if "split" in evalset.runs else np.array([], dtype=str))
     # A label-using model (LCM) is tested only on subjects outside the training split ('cv_heldout');
     # the baseline is then scored both ways so that it sits beside it on the same subjects.
     out = []
@@ -110,9 +112,11 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
                          "no subject is left to test it on")
             continue
         target_scopes = [(split, test_mask)]
-        if adapter is None and "lcm" in settings.models and "split" in evalset.runs:
-            train_subjects = evalset.runs.loc[evalset.runs["split"] == "train", "subject"].astype(str).unique()
-            target_scopes.append(("cv_heldout", ~np.isin(subj, train_subjects)))
+        if not label_subjects and len(pretrain_subjects):
+            # Self-supervised models saw the training split's series (not its labels) in pretraining: they
+            # are also scored on the other subjects alone ('cv_heldout', the verdict's scope), and so is
+            # the baseline, on the same folds.
+            target_scopes.append(("cv_heldout", ~np.isin(subj, pretrain_subjects)))
         for method, (probe, Xall) in feats.items():
             kind = probe if classification else REGRESSION_TWIN[probe]
             for scope, mask in target_scopes:

@@ -114,7 +114,10 @@ def verdict(table: pd.DataFrame) -> pd.DataFrame:
         for model, mgrp in grp[~grp["is_baseline"]].groupby("model"):
             if base.empty:
                 continue
-            # A label-using model is scored on held-out subjects only; compare against the baseline there too.
+            # Subjects outside the pretraining split are the strict scope ('cv_heldout'): a label-using model
+            # has no other, and a self-supervised one saw the others' series. Compare on it when it exists.
+            if (mgrp["split"] == "cv_heldout").any():
+                mgrp = mgrp[mgrp["split"] == "cv_heldout"]
             b = base[base["split"].isin(mgrp["split"].unique())]
             b = b if len(b) else base
             best_m = mgrp.loc[mgrp["value"].idxmax() if higher else mgrp["value"].idxmin()]
@@ -126,6 +129,7 @@ def verdict(table: pd.DataFrame) -> pd.DataFrame:
             else:
                 word = "no clear difference"
             out.append({"task": task, "target": target, "condition": condition, "metric": metric, "model": model,
+                        "split": ",".join(sorted(mgrp["split"].unique())),
                         "model_method": best_m["method"], "model_value": best_m["value"], "model_ci": _ci(m_lo, m_hi),
                         "baseline_method": best_b["method"], "baseline_value": best_b["value"],
                         "baseline_ci": _ci(b_lo, b_hi), "delta": delta, "verdict": word})
@@ -162,7 +166,10 @@ td,th{{border:1px solid #bbb;padding:2px 6px;text-align:right}} th{{background:#
 <h1>{html.escape(title)}</h1>
 <h2>Did pretraining help?</h2>
 <p>Each model's best method against the best baseline on the same folds or held-out windows, on the task's primary
-metric (higher is better except MAE/MSE). "better"/"worse" only where the 95 % intervals do not overlap.</p>
+metric (higher is better except MAE/MSE). "better"/"worse" only where the 95 % intervals do not overlap.
+Phenotypes are judged on split "cv_heldout" where it exists: the same cross-validation folds, scored only on
+subjects outside the pretraining split (whose series, or for the LCM labels, no model saw); split "cv" scores
+every subject.</p>
 {frame(ver, "verdict")}
 <h2>All aggregated metrics</h2>
 <p>fold "all": mean over folds x seeds (t interval) or held-out windows (subject bootstrap); fold "pooled":
