@@ -87,6 +87,24 @@ def test_sample_uniform_depends_on_the_sample_seed_only():
     assert not torch.equal(hi[0], b[0]) and not torch.equal(hi[0], hi[1])
 
 
+def test_sample_uniform_hash_stays_out_of_compiled_graphs():
+    """Inductor turns ``arange * 2654435761`` into an int32 Triton index and fails on CUDA (torch 2.11):
+    the hash must run eagerly under ``torch.compile``, with the same numbers."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    seeds = torch.tensor([5, 6, 2**40 + 7])
+    compiled = torch.compile(lambda s: sample_uniform({"seed": s}, 3, 10) * 2.0, backend=capture)
+    torch.testing.assert_close(compiled(seeds), sample_uniform({"seed": seeds}, 3, 10) * 2.0, rtol=0, atol=0)
+    assert graphs, "dynamo traced nothing"
+    assert not [n for g in graphs for n in g.graph.nodes if n.target is torch.arange]
+    torch._dynamo.reset()
+
+
 def test_sample_uniform_is_uniform_and_independent():
     """A counter-based hash stands in for a generator: check its marginal and pairwise behaviour."""
     from scipy import stats

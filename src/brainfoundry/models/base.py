@@ -207,7 +207,16 @@ def sample_uniform(batch: Mapping[str, Any], batch_size: int, n: int, device: to
     s = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).to(device)
     if s.numel() != batch_size:
         raise ValueError(f"batch['seed'] has {s.numel()} entries for a batch of {batch_size}")
-    key = _hash32(_hash32(_hash32(s & _M32) ^ ((s >> 32) & _M32)) ^ ((int(stream) * _GOLDEN) & _M32))
+    return _counter_uniform(s, n, int(stream))
+
+
+@torch.compiler.disable
+def _counter_uniform(s: torch.Tensor, n: int, stream: int) -> torch.Tensor:
+    """The hash of :func:`sample_uniform`, kept out of ``torch.compile`` graphs: Inductor folds
+    ``arange(n) * 2654435761`` into an int32 Triton index expression and fails to build the kernel
+    (torch 2.11 on CUDA: "Scalar 2654435761 is out of range for type int32"). Run eagerly it is a
+    dozen small integer kernels per step."""
+    key = _hash32(_hash32(_hash32(s & _M32) ^ ((s >> 32) & _M32)) ^ ((stream * _GOLDEN) & _M32))
     index = torch.arange(n, device=s.device, dtype=torch.int64)
     bits = _hash32((key[:, None] + index[None, :] * _GOLDEN) & _M32)
     return bits.to(torch.float64) / 2.0**32
