@@ -365,3 +365,14 @@ def test_torch_compile_path(shards, tmp_path, family):
     compiled = train(family, tmp_path / "compiled", shards=shards, model_config=MODELS[family],
                      train_config=config(steps=3, log_every=3, checkpoint_every=3, compile=True, compile_backend="eager"))
     assert compiled["final"]["loss"] == pytest.approx(plain["final"]["loss"], rel=1e-5)
+
+
+def test_samples_per_second_counts_the_windows_that_ran(shards, tmp_path):
+    """A batch larger than an epoch's training windows comes out short: throughput counts what ran."""
+    n_train = ShardSource(shards, config(), WINDOW, need_pfc=False).manifest()["split"].eq("train").sum()
+    batch = int(n_train) + 50
+    train("brainlm", tmp_path, shards=shards, model_config=MODELS["brainlm"],
+          train_config=config(steps=2, batch_size=batch, log_every=1, checkpoint_every=2), resume="never")
+    for row in history(tmp_path):
+        ran = float(row["samples_per_s"]) * float(row["step_time_s"])
+        assert ran == pytest.approx(n_train, rel=1e-6), (ran, n_train, batch)

@@ -583,7 +583,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
 
         bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {family}", unit="step", dynamic_ncols=True)
     model.train()
-    t_interval, wait_interval, steps_interval = time.perf_counter(), 0.0, 0
+    t_interval, wait_interval, steps_interval, samples_interval = time.perf_counter(), 0.0, 0, 0
     loss_sum = torch.zeros((), device=device)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -616,6 +616,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
         model.on_step_end((step + 1) / cfg.steps)
         loss_sum += loss.detach()
         steps_interval += 1
+        samples_interval += n_local  # a worker's last batch of an epoch can be short: count what ran
         done = step + 1
 
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -624,8 +625,9 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
             if device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t_interval
-            mean_loss, wait = _all_reduce([float(loss_sum) / steps_interval, wait_interval], dist)
-            samples_s = cfg.batch_size * steps_interval / elapsed
+            mean_loss, wait, samples = _all_reduce([float(loss_sum) / steps_interval, wait_interval,
+                                                    float(samples_interval)], dist)
+            samples_s = samples / elapsed
             row = {"step": done, "epoch": getattr(train_loader.loader, "epoch", 0), "loss": mean_loss / dist.world_size,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "samples_per_s": samples_s,
                    "tokens_per_s": samples_s * model.tokens_per_sample(), "step_time_s": elapsed / steps_interval,
@@ -642,7 +644,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
             if not show:
                 log(f"[{family}] step {done}/{cfg.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                     f"{samples_s:.1f} samples/s data wait {row['data_wait_fraction']:.1%}", flush=True)
-            t_interval, wait_interval, steps_interval = time.perf_counter(), 0.0, 0
+            t_interval, wait_interval, steps_interval, samples_interval = time.perf_counter(), 0.0, 0, 0
             loss_sum.zero_()
         if bar is not None:
             bar.update(1)
