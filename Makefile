@@ -22,13 +22,13 @@ venv: $(BIN)/.installed
 
 demo: venv
 	test -f demo_data/derivatives/fmriprep/dataset_description.json || $(BIN)/brainfoundry demo-data demo_data
-	$(RUN) $(BIN)/snakemake --cores $(CORES) --scheduler greedy --configfile config/config.yaml
+	$(RUN) $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	$(RUN) $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml --report results/report.html
 	@echo "Report: results/report.html"
 
 # The full ABIDE run on ../shared/data (see config/abide.yaml): pretraining, evaluation, report, wall time by step.
 abide: venv
-	$(RUN) $(BIN)/snakemake --cores $(CORES) --scheduler greedy --configfile config/abide.yaml
+	$(RUN) $(BIN)/snakemake --cores $(CORES) --configfile config/abide.yaml
 	$(RUN) $(BIN)/snakemake --cores $(CORES) --configfile config/abide.yaml --report results/abide/report.html
 	$(RUN) $(BIN)/brainfoundry walltime results/abide/benchmarks --out results/abide/walltime.tsv
 	@echo "Report: results/abide/report.html"
