@@ -64,6 +64,20 @@ def abide_data(shared_data) -> dict[str, Path]:
     return paths
 
 
+def abide_subset_config(data: dict[str, Path], files: list[str]) -> dict:
+    """config/abide.yaml on a few ABIDE files (``include_files``), with the paths of ``abide_data``,
+    writing to ``results/`` and ``cache/`` of the Snakemake working directory."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "abide.yaml").read_text())
+    config["results_dir"] = "results"
+    config["atlas"]["path"] = str(data["atlas"])
+    config["atlas"]["cache_dir"] = "cache"
+    config["timeseries"].update(series_dir=str(data["series_dir"]), phenotypes=str(data["phenotypes"]),
+                                include_files=files)
+    return config
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
     """A small embedded demo dataset (3 subjects, one with two runs), written once per test session."""

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from brainfoundry.evaluate.workflow import eval_settings, evaluation_targets, pseudo_label_settings, task_tables
-from conftest import bin_path
+from conftest import abide_subset_config, bin_path
 
 # Two ASD and two control subjects from each of three sites (one female among them: sex is a target
 # with a too-small class, which must be a note, not a failure).
@@ -53,13 +53,8 @@ def test_pseudo_label_settings_are_the_lcm_pretraining_ones_with_overrides():
     assert pseudo_label_settings({"pretrain": {}}, eval_settings({}, ["lcm"]))["lcm"]["trainer"] == {}
 
 
-def _config(repo_root: Path, data: dict[str, Path]) -> dict:
-    config = yaml.safe_load((repo_root / "config" / "abide.yaml").read_text())
-    config["results_dir"] = "results"
-    config["atlas"]["path"] = str(data["atlas"])
-    config["atlas"]["cache_dir"] = "cache"
-    config["timeseries"].update(series_dir=str(data["series_dir"]), phenotypes=str(data["phenotypes"]),
-                                include_files=FILES)
+def _config(data: dict[str, Path]) -> dict:
+    config = abide_subset_config(data, FILES)
     config["pfc"]["n_views"] = 2
     config["shards"].update(n_buckets=2, split_ratios={"train": 0.6, "val": 0.0, "test": 0.4}, window=100)
     config["pretrain"] = {
@@ -86,7 +81,7 @@ def test_abide_subset_evaluation_and_report(repo_root, abide_data, tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()
     config_file = workdir / "config.yaml"
-    config_file.write_text(yaml.safe_dump(_config(repo_root, abide_data)))
+    config_file.write_text(yaml.safe_dump(_config(abide_data)))
     base = [bin_path("snakemake"), "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
             "--configfile", str(config_file), "--cores", "2"]
     targets = ["results/evaluation/metrics.parquet", "results/evaluation/verdict.png",

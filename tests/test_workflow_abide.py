@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from brainfoundry import pfc
-from conftest import bin_path
+from conftest import abide_subset_config, bin_path
 
 pytestmark = [pytest.mark.workflow, pytest.mark.shared_data]
 
@@ -25,13 +25,8 @@ N_VIEWS = 4
 MANIFEST = "results/shards/CC200/manifest.parquet"
 
 
-def _config(repo_root: Path, data: dict[str, Path], files: list[str]) -> dict:
-    config = yaml.safe_load((repo_root / "config" / "abide.yaml").read_text())
-    config["results_dir"] = "results"
-    config["atlas"]["path"] = str(data["atlas"])
-    config["atlas"]["cache_dir"] = "cache"
-    config["timeseries"].update(series_dir=str(data["series_dir"]), phenotypes=str(data["phenotypes"]),
-                                include_files=files)
+def _config(data: dict[str, Path], files: list[str]) -> dict:
+    config = abide_subset_config(data, files)
     config["pfc"]["n_views"] = N_VIEWS
     config["shards"]["n_buckets"] = 2
     return config
@@ -67,7 +62,7 @@ def _with_shards(repo_root: Path) -> bool:
 def test_abide_subjects_run_through_the_workflow(repo_root, abide_data, tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()
-    config = _config(repo_root, abide_data, FILES)
+    config = _config(abide_data, FILES)
     targets = _targets(repo_root, FILES)
     done = _snakemake(repo_root, workdir, config, *targets)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -106,7 +101,7 @@ def test_abide_subjects_run_through_the_workflow(repo_root, abide_data, tmp_path
     # Nothing to redo; adding a subject runs only that subject's per-run jobs.
     again = _snakemake(repo_root, workdir, config, "--dry-run", *targets)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
-    bigger = _config(repo_root, abide_data, [*FILES, "OHSU_0050143"])
+    bigger = _config(abide_data, [*FILES, "OHSU_0050143"])
     plan = _snakemake(repo_root, workdir, bigger, "--dry-run",
                       *_targets(repo_root, [*FILES, "OHSU_0050143"]))
     assert plan.returncode == 0, plan.stderr[-3000:]
