@@ -17,8 +17,8 @@ from brainfoundry.errors import ConfigError, InputError
 from brainfoundry.models import load_model
 from brainfoundry.shards import find_shards, iter_series
 from brainfoundry.testing import default_split, write_synthetic_shards
-from brainfoundry.train import (NonFiniteLossError, ShardSource, TrainConfig, lr_multiplier, resolve_settings,
-                                sample_seeds, train)
+from brainfoundry.train import (NonFiniteLossError, ShardSource, TrainConfig, hidden_label_runs, lr_multiplier,
+                                resolve_settings, sample_seeds, train)
 
 torch.set_num_threads(1)
 WINDOW = 40
@@ -308,11 +308,8 @@ def test_label_fraction_hides_some_training_labels_and_they_get_pseudo_labels(sh
     labelled_train = manifest[(manifest["split"] == "train") & manifest["diagnosis"].notna()]
     seen = source.env_values(list(manifest.index), ["diagnosis", "sex"])
     hidden = {r for r, v in zip(manifest.index, seen["diagnosis"]) if v is None} & set(labelled_train.index)
-    # About half of the labelled training subjects lose the label (whole subjects), none outside training,
-    # and only the target's label is hidden.
+    # Some labelled training runs lose the label, none outside training, and only the target's label.
     assert 0 < len(hidden) < len(labelled_train)
-    assert labelled_train.loc[sorted(hidden)].groupby("subject").size().sum() == \
-        labelled_train[labelled_train["subject"].isin(labelled_train.loc[sorted(hidden), "subject"])].shape[0]
     assert all(v is not None for r, v in zip(manifest.index, seen["diagnosis"])
                if manifest.loc[r, "split"] != "train" and pd.notna(manifest.loc[r, "diagnosis"]))
     assert [v for v in seen["sex"]] == manifest["sex"].tolist()
@@ -321,6 +318,20 @@ def test_label_fraction_hides_some_training_labels_and_they_get_pseudo_labels(sh
     assert hidden <= pseudo
     with pytest.raises(ConfigError, match="label_fraction"):
         config(label_fraction=1.5).validate()
+
+
+def test_hidden_labels_are_drawn_per_subject_from_training_runs_only():
+    # The synthetic shards have one run per subject; here subjects have two runs each.
+    manifest = pd.DataFrame({"subject": [f"s{i // 2}" for i in range(80)],
+                             "split": ["train"] * 60 + ["test"] * 20},
+                            index=[f"run{i}" for i in range(80)])
+    hidden = hidden_label_runs(manifest, 0.5, seed=3)
+    assert hidden <= set(manifest.index[:60])
+    hidden_subjects = set(manifest.loc[sorted(hidden), "subject"])
+    assert 5 < len(hidden_subjects) < 25  # about half of the 30 training subjects
+    assert hidden == set(manifest.index[manifest["subject"].isin(hidden_subjects)])  # both runs of each
+    assert hidden_label_runs(manifest, 0.5, seed=3) == hidden and hidden_label_runs(manifest, 0.5, seed=4) != hidden
+    assert hidden_label_runs(manifest, 1.0, seed=3) == frozenset()
 
 
 def test_finetune_model_from_another_atlas(shards, tmp_path):
