@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from brainfoundry.checkpoint import load_checkpoint
 from brainfoundry.errors import ConfigError
+from brainfoundry.models import read_model_file
 from brainfoundry.pfc import pfc_views_torch
 from brainfoundry.testing import ArraySource, write_synthetic_shards
 from brainfoundry.train import TrainConfig, train
@@ -81,8 +83,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     for family in MODELS:
         single = train(family, tmp_path / f"one_{family}", model_config=MODELS[family], train_config=config(),
                        source=source, resume="never")
-        a = torch.load(tmp_path / f"one_{family}" / "model.pt", weights_only=False)
-        b = torch.load(tmp_path / f"ddp_{family}" / "model.pt", weights_only=False)
+        a = read_model_file(tmp_path / f"one_{family}" / "model.safetensors")
+        b = read_model_file(tmp_path / f"ddp_{family}" / "model.safetensors")
         assert json.loads((tmp_path / f"ddp_{family}" / "summary.json").read_text())["world_size"] == 2
         for key, value in a["state_dict"].items():
             torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=f"{family}: {key}")
@@ -106,6 +108,6 @@ def test_torchrun_cli_on_shards(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(out / "checkpoint.pt")  # weights_only: the RNG states of both ranks are plain values
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and len(ckpt["data"]["per_rank"]) == 2
     assert "trained brainmass" in done.stdout

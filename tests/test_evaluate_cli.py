@@ -78,14 +78,14 @@ def model_files(shards, tmp_path_factory):
     for family, cfg in configs.items():
         model = build_model(family, cfg, coords=evs.parcel_coords)
         (out / family).mkdir()
-        paths[family] = model.save(out / family / "model.pt", parcel_names=evs.parcel_names)
+        paths[family] = model.save(out / family / "model.safetensors", parcel_names=evs.parcel_names)
     # the trainer's pseudo-label fine-tuning of the LCM on diagnosis (two steps: a real model file of that mode)
     from brainfoundry.train import TrainConfig, train
 
     cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=1, window=200, checkpoint_every=2, log_every=1,
                       dtype="fp32", target="diagnosis", threads=1)
     train("lcm", out / "lcm_pl", shards=shards, train_config=cfg, mode="finetune", init=paths["lcm"], progress=False)
-    paths["lcm_pl"] = out / "lcm_pl" / "model.pt"
+    paths["lcm_pl"] = out / "lcm_pl" / "model.safetensors"
     return paths
 
 
@@ -169,7 +169,7 @@ def test_wrong_parcel_count_is_a_clear_error(shards, tmp_path, capsys):
 
     model = build_model("brainmass", {"n_parcels": 12, "dim": 16, "depth": 1, "heads": 2, "proj_dim": 8,
                                       "proj_hidden": 16, "spatial_embedding": "learned"})
-    path = model.save(tmp_path / "model.pt")
+    path = model.save(tmp_path / "model.safetensors")
     rc = _run("embed", "--model", "brainmass", "--checkpoint", str(path), "--shards", str(shards),
               "--out", str(tmp_path / "e.npz"))
     assert rc == 1

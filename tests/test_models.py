@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from brainfoundry.errors import ConfigError, InputError
-from brainfoundry.models import FAMILIES, build_model, load_model
+from brainfoundry.io import sha256_file
+from brainfoundry.models import FAMILIES, build_model, load_model, read_model_metadata
 from brainfoundry.models.base import masked_mean_per_sample, sample_uniform
 from brainfoundry.models.lcm import assign_pseudo_labels, fit_env_stats, pseudo_labels, value_key
 from brainfoundry.pfc import pfc_views_torch
@@ -354,14 +356,22 @@ def test_lcm_brainmass_backbone():
 def test_save_load_round_trip(tmp_path, family):
     model = lcm() if family == "lcm" else build_model(family, BRAINLM if family == "brainlm" else BRAINMASS,
                                                       coords=coords())
-    path = model.save(tmp_path / "model.pt", parcel_names=[f"p{i}" for i in range(N)])
+    if family == "brainmass":
+        model.on_step_end(0.5)  # a non-tensor state (the EMA momentum) that must come back too
+    path = model.save(tmp_path / "model.safetensors", parcel_names=[f"p{i}" for i in range(N)])
+    assert path == tmp_path / "model.safetensors" and (tmp_path / "model.json").is_file()
     again = load_model(path)
     assert type(again) is type(model) and again.config == model.config
+    if family == "brainmass":
+        assert again.momentum == model.momentum
     b = batch()
     model.eval(), again.eval()
     torch.testing.assert_close(model.encode(b)["pooled"], again.encode(b)["pooled"], rtol=0, atol=0)
-    payload = torch.load(path, weights_only=False)
-    assert payload["family"] == family and payload["n_parcels"] == N and payload["n_parameters"] > 0
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["family"] == family and meta["n_parcels"] == N and meta["n_parameters"] > 0
+    assert meta["format"] == "brainfoundry-model" and meta["weights"]["sha256"] == sha256_file(path)
+    assert meta["versions"]["torch"] == torch.__version__ and "safetensors" in meta["versions"]
+    assert read_model_metadata(tmp_path / "model.json")["parcel_names"][0] == "p0"
     other = "brainmass" if family != "brainmass" else "brainlm"
     with pytest.raises(InputError, match=f"not {other}"):
         load_model(path, family=other)
@@ -369,19 +379,25 @@ def test_save_load_round_trip(tmp_path, family):
 
 def test_load_model_bad_files(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        load_model(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(InputError, match="cannot read"):
-        load_model(tmp_path / "junk.pt")
-    torch.save({"hello": 1}, tmp_path / "other.pt")
-    with pytest.raises(InputError, match="not a brainfoundry model"):
-        load_model(tmp_path / "other.pt")
+        load_model(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="metadata not found"):
+        load_model(tmp_path / "junk.safetensors")
     model = build_model("brainlm", BRAINLM)
-    payload = model.payload()
-    payload["config"]["dim"] = 64  # weights of a 32-d model under a 64-d config
-    torch.save(payload, tmp_path / "mismatch.pt")
-    with pytest.raises(InputError, match="do not fit"):
-        load_model(tmp_path / "mismatch.pt")
+    path = model.save(tmp_path / "m.safetensors")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({"hello": 1, "weights": {"file": "m.safetensors"}}))
+    with pytest.raises(InputError, match="not brainfoundry model metadata"):
+        load_model(tmp_path / "other.json")
+    (tmp_path / "mismatch.json").write_text(json.dumps({**meta, "config": {**meta["config"], "dim": 64}}))
+    with pytest.raises(InputError, match="do not fit"):  # weights of a 32-d model under a 64-d config
+        load_model(tmp_path / "mismatch.json")
+    (tmp_path / "newer.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(InputError, match="format 99 is newer"):
+        load_model(tmp_path / "newer.json")
+    with pytest.raises(InputError, match="is named <name>.safetensors"):
+        model.save(tmp_path / "model.pt")
+    assert load_model(path).config == model.config
 
 
 def test_registry():

@@ -14,7 +14,7 @@ import torch
 from brainfoundry import cli
 from brainfoundry.checkpoint import load_checkpoint
 from brainfoundry.errors import ConfigError, InputError
-from brainfoundry.models import load_model
+from brainfoundry.models import load_model, read_model_file
 from brainfoundry.shards import find_shards, iter_series
 from brainfoundry.testing import default_split, write_synthetic_shards
 from brainfoundry.train import (NonFiniteLossError, ShardSource, TrainConfig, hidden_label_runs, lr_multiplier,
@@ -57,7 +57,7 @@ def test_loss_falls(shards, tmp_path, family, steps):
     first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
     assert last < 0.7 * first, f"{family}: loss {first:.4f} -> {last:.4f}"
     assert math.isfinite(float(rows[-1]["val_loss"]))
-    assert summary["n_parameters"] == load_model(tmp_path / "model.pt").num_parameters()
+    assert summary["n_parameters"] == load_model(tmp_path / "model.safetensors").num_parameters()
     assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -111,11 +111,11 @@ def test_killed_and_resumed_run_is_bitwise_identical(shards, tmp_path, family, w
         train(family, tmp_path / "cut", shards=shards, model_config=MODELS[family], train_config=cfg,
               resume="never", source=source)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
-    assert not (tmp_path / "cut" / "model.pt").exists()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
     resumed = train(family, tmp_path / "cut", shards=shards, model_config=MODELS[family], train_config=cfg,
                     resume="always")
-    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["state_dict"]
+    a = read_model_file(tmp_path / "whole" / "model.safetensors")["state_dict"]
+    b = read_model_file(tmp_path / "cut" / "model.safetensors")["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
         same = torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
@@ -164,14 +164,14 @@ def test_checkpoint_of_another_family_or_config(shards, tmp_path, capsys):
     summary = train("brainmass", tmp_path / "mass", shards=shards, model_config={**MODELS["brainmass"], "dim": 64},
                     train_config=config(steps=2), resume="auto")
     assert "not resuming" in capsys.readouterr().out
-    assert summary["steps"] == 2 and load_model(tmp_path / "mass" / "model.pt").config.dim == 64
+    assert summary["steps"] == 2 and load_model(tmp_path / "mass" / "model.safetensors").config.dim == 64
     with pytest.raises(InputError, match="is a model file, not a training checkpoint"):
         train("brainmass", tmp_path / "x", shards=shards, model_config=MODELS["brainmass"],
-              train_config=config(steps=2), resume=str(tmp_path / "mass" / "model.pt"))
+              train_config=config(steps=2), resume=str(tmp_path / "mass" / "model.safetensors"))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "checkpoint.pt").write_bytes(b"half a file")
     train("brainmass", tmp_path / "junk", shards=shards, model_config=MODELS["brainmass"], train_config=config(steps=1))
-    assert "cannot read the model file" in capsys.readouterr().out
+    assert "cannot read the checkpoint file" in capsys.readouterr().out
     # Settings that do not change the trajectory may change.
     train("brainmass", tmp_path / "mass", shards=shards, model_config={**MODELS["brainmass"], "dim": 64},
           train_config=config(steps=2, log_every=1), resume="always")
@@ -206,7 +206,7 @@ def test_nan_loss_stops_with_step_and_runs_and_keeps_last_good_checkpoint(shards
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
                if isinstance(v, torch.Tensor) and v.is_floating_point())
-    assert not (tmp_path / "model.pt").exists()
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_config_errors(shards, tmp_path):
@@ -261,7 +261,7 @@ def test_normalization_and_env_statistics_come_from_training_runs_only(tmp_path)
     envs = []
     for d in (plain, shifted):
         train("lcm", tmp_path / f"lcm_{d.name}", shards=d, model_config=MODELS["lcm"], train_config=config(steps=1))
-        envs.append(load_model(tmp_path / f"lcm_{d.name}" / "model.pt").config.env)
+        envs.append(load_model(tmp_path / f"lcm_{d.name}" / "model.safetensors").config.env)
     assert envs[0] == envs[1], "held-out phenotypes must not change the environment statistics"
     assert [e["classes"] for e in envs[1] if e["name"] == "sex"] == [["F", "M"]]
 
@@ -283,8 +283,8 @@ def test_normalization_and_env_statistics_come_from_training_runs_only(tmp_path)
 def test_finetune_assigns_pseudo_labels_to_unlabeled_training_runs_only(shards, tmp_path):
     train("lcm", tmp_path / "pre", shards=shards, model_config=MODELS["lcm"], train_config=config(steps=4))
     cfg = config(steps=3, threshold=0.0, target="diagnosis")
-    train("lcm", tmp_path / "ft", shards=shards, train_config=cfg, mode="finetune", init=tmp_path / "pre" / "model.pt")
-    payload = torch.load(tmp_path / "ft" / "model.pt", weights_only=False)
+    train("lcm", tmp_path / "ft", shards=shards, train_config=cfg, mode="finetune", init=tmp_path / "pre" / "model.safetensors")
+    payload = read_model_file(tmp_path / "ft" / "model.safetensors")
     manifest = ShardSource(shards, cfg, WINDOW, need_pfc=True).manifest()
     unlabeled_train = set(manifest.index[(manifest["split"] == "train") & manifest["diagnosis"].isna()])
     assert unlabeled_train and set(payload["pseudo_labels"]) == unlabeled_train
@@ -292,12 +292,12 @@ def test_finetune_assigns_pseudo_labels_to_unlabeled_training_runs_only(shards, 
     assert "ce" in rows[-1] and math.isfinite(float(rows[-1]["val_loss"]))
     # A threshold no prediction reaches: no pseudo-labels at all.
     train("lcm", tmp_path / "ft2", shards=shards, train_config=config(steps=1, threshold=1.0), mode="finetune",
-          init=tmp_path / "pre" / "model.pt")
-    assert torch.load(tmp_path / "ft2" / "model.pt", weights_only=False)["pseudo_labels"] == {}
+          init=tmp_path / "pre" / "model.safetensors")
+    assert read_model_file(tmp_path / "ft2" / "model.safetensors")["pseudo_labels"] == {}
     train("brainmass", tmp_path / "pre_m", shards=shards, model_config=MODELS["brainmass"], train_config=config(steps=1))
     with pytest.raises(InputError, match="holds a brainmass model"):
         train("lcm", tmp_path / "ft3", shards=shards, train_config=cfg, mode="finetune",
-              init=tmp_path / "pre_m" / "model.pt")
+              init=tmp_path / "pre_m" / "model.safetensors")
 
 
 def test_label_fraction_hides_some_training_labels_and_they_get_pseudo_labels(shards, tmp_path):
@@ -313,8 +313,8 @@ def test_label_fraction_hides_some_training_labels_and_they_get_pseudo_labels(sh
     assert all(v is not None for r, v in zip(manifest.index, seen["diagnosis"])
                if manifest.loc[r, "split"] != "train" and pd.notna(manifest.loc[r, "diagnosis"]))
     assert [v for v in seen["sex"]] == manifest["sex"].tolist()
-    train("lcm", tmp_path / "ft", shards=shards, train_config=cfg, mode="finetune", init=tmp_path / "pre" / "model.pt")
-    pseudo = set(torch.load(tmp_path / "ft" / "model.pt", weights_only=False)["pseudo_labels"])
+    train("lcm", tmp_path / "ft", shards=shards, train_config=cfg, mode="finetune", init=tmp_path / "pre" / "model.safetensors")
+    pseudo = set(read_model_file(tmp_path / "ft" / "model.safetensors")["pseudo_labels"])
     assert hidden <= pseudo
     with pytest.raises(ConfigError, match="label_fraction"):
         config(label_fraction=1.5).validate()
@@ -339,7 +339,7 @@ def test_finetune_model_from_another_atlas(shards, tmp_path):
     train("lcm", tmp_path / "pre", shards=other, model_config=MODELS["lcm"], train_config=config(steps=1))
     with pytest.raises(InputError, match="10 parcels but the shards"):
         train("lcm", tmp_path / "ft", shards=shards, train_config=config(steps=1), mode="finetune",
-              init=tmp_path / "pre" / "model.pt")
+              init=tmp_path / "pre" / "model.safetensors")
 
 
 # -- command line -----------------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_cli_train(shards, tmp_path, capsys):
                    "mse_masked", "val_loss"):
         assert column in rows[0], column
     assert float(rows[0]["tokens_per_s"]) == pytest.approx(float(rows[0]["samples_per_s"]) * 16 * 2)
-    model = load_model(out / "model.pt", family="brainlm")
+    model = load_model(out / "model.safetensors", family="brainlm")
     assert model.config.n_parcels == 16 and model.config.depth == 1
     assert (out / "summary.json").exists() and (out / "learning_curve.png").exists()
     code = cli.main(["train", "--family", "brainlm", "--shards", str(shards), "--out", str(tmp_path / "bad"),

@@ -1,16 +1,27 @@
 """Training checkpoints: everything needed to resume a run exactly, written atomically.
 
-A checkpoint is a model file (:meth:`brainfoundry.models.base.FoundationModel.payload`: family,
-config, state dict, so :func:`brainfoundry.models.load_model` reads it too) plus the optimizer and
-scheduler states, the RNG states of python, numpy and torch (CPU and CUDA) of every rank, each
-rank's data position, the metrics history and the training config. :func:`check_resumable` refuses
-a checkpoint of another family, model config, parcel set or trajectory-shaping training setting and
-says which keys differ.
+A checkpoint is the model part of a model file (:meth:`brainfoundry.models.base.FoundationModel.payload`:
+family, config, state dict) plus the optimizer and scheduler states, the RNG states of python, numpy
+and torch (CPU and CUDA) of every rank, each rank's data position, the metrics history and the
+training config. :func:`check_resumable` refuses a checkpoint of another family, model config,
+parcel set or trajectory-shaping training setting and says which keys differ.
+
+It is a ``torch.save`` zip read back with ``torch.load(weights_only=True)``: only tensors and plain
+Python values (dict, list, tuple, str, int, float, bool, None) are unpickled, so a crafted file
+cannot run code; everything saved is kept in that form (the numpy RNG state as a list of ints), so
+no global has to be allowlisted. Before unpickling, every member's CRC-32 (which the zip format
+records) is checked, so a flipped bit is reported instead of resuming from corrupt weights. A
+checkpoint is not a model file for sharing: ``brainfoundry convert-model checkpoint.pt model.safetensors``
+turns one into a model file.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 import random
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -19,13 +30,20 @@ import torch
 
 from brainfoundry.errors import InputError
 from brainfoundry.io import atomic_path
+from brainfoundry.models.files import CONVERT_HINT, ModelChecksumError, UnsafeModelFileError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT_VERSION = 2  # 1: numpy RNG state as a numpy tuple (needed unpickling numpy objects)
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU and every CUDA device)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states (python, numpy, torch CPU and every CUDA device) as plain values."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {"bit_generator": str(np_state["bit_generator"]),
+                       "state": {"key": [int(v) for v in np_state["state"]["key"]], "pos": int(np_state["state"]["pos"])},
+                       "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -33,7 +51,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = {**np_state["state"], "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -42,14 +62,44 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` with ``torch.save`` to a temporary name and rename it onto ``path``."""
     with atomic_path(path) as tmp:
-        torch.save(dict(payload), tmp)
+        torch.save({**dict(payload), "kind": "checkpoint", "format_version": CHECKPOINT_FORMAT_VERSION}, tmp)
     return Path(path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    from brainfoundry.models import read_model_file
+def _refused_global(err: Exception) -> str:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return f" (it holds {found.group(1)})" if found else ""
 
-    payload = read_model_file(path)
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's payload, its CRCs checked and unpickled with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    data = path.read_bytes()
+    if data[:4] != b"PK\x03\x04":
+        if data[:1] == b"\x80":
+            raise UnsafeModelFileError(path, "is a plain pickle, not a torch checkpoint; unpickling it could run "
+                                             "code; " + CONVERT_HINT)
+        if path.suffix in (".safetensors", ".json"):
+            raise InputError(path, "is a model file, not a training checkpoint (no optimizer/RNG/data state)")
+        raise InputError(path, "cannot read the checkpoint file (not a torch.save zip archive)")
+    try:
+        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise InputError(path, f"cannot read the checkpoint file ({err})") from None
+    if bad is not None:
+        raise ModelChecksumError(path, f"member {bad} fails its CRC-32 check: the checkpoint is corrupt")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeModelFileError(path, "holds Python objects beyond tensors and plain values" + _refused_global(err) +
+                                         "; unpickling it could run code (a checkpoint of an older brainfoundry, or "
+                                         "crafted); " + CONVERT_HINT + ", or start over with --resume never") from None
+    except Exception as err:  # torch raises several types for damaged archives
+        raise InputError(path, f"cannot read the checkpoint file ({err})") from None
+    if not isinstance(payload, dict) or "family" not in payload or "state_dict" not in payload:
+        raise InputError(path, "not a brainfoundry checkpoint (no family/state_dict)")
     if payload.get("kind") != "checkpoint":
         raise InputError(path, "is a model file, not a training checkpoint (no optimizer/RNG/data state)")
     return payload

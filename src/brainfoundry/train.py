@@ -5,7 +5,8 @@ and schedule -> optional resume -> the loop (data wait, forward under bf16 autoc
 non-finite check, backward, gradient clipping, AdamW step, LR schedule, EMA hook, logging,
 validation, atomic checkpoints) -> final model, metrics CSV and learning-curve plot.
 
-Outputs in ``--out``: ``model.pt`` (the model file, :func:`brainfoundry.models.load_model`),
+Outputs in ``--out``: ``model.safetensors`` + ``model.json`` (the model file,
+:func:`brainfoundry.models.load_model`; weights, metadata and the weights' sha256),
 ``metrics.csv`` (one row per logged step: loss, lr, grad norm, samples/s, tokens/s, data-wait
 fraction, memory, validation loss, family metrics), ``learning_curve.png``, ``summary.json``, and
 ``checkpoint.pt`` (the latest checkpoint; ``--resume auto`` continues from it when it matches).
@@ -44,6 +45,7 @@ from brainfoundry.checkpoint import (CHECKPOINT_NAME, check_resumable, load_chec
 from brainfoundry.errors import BrainfoundryError, ConfigError, InputError
 from brainfoundry.io import atomic_path, sha256_file, write_json_atomic
 from brainfoundry.models import FAMILIES, FoundationModel, build_model, load_model, make_config
+from brainfoundry.models.files import MODEL_FILE, read_model_file
 
 FAMILY_NAMES = tuple(FAMILIES)
 MODES = ("pretrain", "finetune")
@@ -437,7 +439,9 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
 
     ``resume``: "auto" continues from ``out/checkpoint.pt`` when it matches this run (starts over
     otherwise, saying why), "never" starts over, "always" or a path must resume (InputError if it
-    cannot). ``mode="finetune"`` (LCM): pseudo-label fine-tuning from the model file ``init``.
+    cannot). ``init``: a model file whose weights and model config the run starts from (pretraining:
+    continued pretraining of the same family, ``model_config`` may only repeat its values;
+    ``mode="finetune"``, LCM: pseudo-label fine-tuning, required).
     """
     cfg = train_config or TrainConfig()
     cfg.validate()
@@ -456,15 +460,19 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
 
     # -- model config and data ---------------------------------------------------------------------------------
     init_payload = None
-    if mode == "finetune":
-        if family != "lcm" or init is None:
-            raise ConfigError("mode", "finetune needs --family lcm and --init <pretrained LCM model file>")
-        from brainfoundry.models import read_model_file
-
+    if mode == "finetune" and (family != "lcm" or init is None):
+        raise ConfigError("mode", "finetune needs --family lcm and --init <pretrained LCM model file>")
+    if init is not None:
+        # A safetensors model file, its sha256 checked; a pickle is refused before anything is unpickled.
         init_payload = read_model_file(init)
-        if init_payload["family"] != "lcm":
-            raise InputError(init, f"holds a {init_payload['family']} model; fine-tuning needs an lcm model")
+        if init_payload["family"] != family:
+            need = "fine-tuning needs an lcm model" if mode == "finetune" else f"this run trains {family}"
+            raise InputError(init, f"holds a {init_payload['family']} model; {need}")
         model_values = dict(init_payload["config"])
+        if mode == "pretrain":
+            differ = sorted(k for k, v in dict(model_config or {}).items() if k in model_values and model_values[k] != v)
+            if differ:
+                raise ConfigError("model", f"--init {init} fixes the model config; these keys differ from it: {differ}")
     else:
         model_values = dict(model_config or {})
     window = _model_window(family, model_values, cfg)
@@ -479,7 +487,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
         raise InputError(where, f"the model has {model_values['n_parcels']} parcels but the shards "
                                 f"{source.describe()} have {n_parcels}")
     model_values["n_parcels"] = n_parcels
-    if family == "lcm" and mode == "pretrain":
+    if family == "lcm" and mode == "pretrain" and init_payload is None:
         from brainfoundry.models.lcm import default_env, fit_env_stats
 
         specs = model_values.get("env") or default_env()
@@ -520,7 +528,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
     fingerprint["mode"] = mode
     fingerprint["data"] = getattr(source, "fingerprint", None)
     if init_payload is not None:
-        fingerprint["init"] = sha256_file(init)[:16]
+        fingerprint["init"] = init_payload["weights"]["sha256"][:16]
     resume_from = None if resume == "never" else (ckpt_path if resume in ("auto", "always") else Path(resume))
     if resume_from is not None and (resume_from.is_file() or resume != "auto"):
         try:
@@ -661,15 +669,32 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
                "n_parcels": n_parcels, "world_size": dist.world_size, "device": str(device),
                "final": history[-1] if history else {}, "atlas": getattr(source, "atlas", None)}
     if dist.main:
-        model.save(out / "model.pt", parcel_names=source.parcel_names, train_config=fingerprint,
-                   atlas=getattr(source, "atlas", None), norm_stats=getattr(source, "norm_stats_path", None),
-                   pseudo_labels=pseudo)
+        model.save(out / MODEL_FILE, parcel_names=list(source.parcel_names), train_config=fingerprint,
+                   atlas=getattr(source, "atlas", None), norm_stats=_norm_stats_record(source),
+                   data={"fingerprint": fingerprint["data"], "shards": str(getattr(source, "shards", "")) or None,
+                         "init_sha256": init_payload["weights"]["sha256"] if init_payload else None},
+                   training={"family": family, "mode": mode, "steps": cfg.steps, "world_size": dist.world_size,
+                             "final": summary["final"]},
+                   pseudo_labels={k: [int(v[0]), float(v[1])] for k, v in pseudo.items()})
         write_metrics_csv(history, out / "metrics.csv")
         plot_learning_curve(history, out / "learning_curve.png", f"{family} ({model.num_parameters():,} parameters)")
         write_json_atomic(out / "summary.json", summary)
     if dist.enabled:
         torch.distributed.barrier()
     return summary
+
+
+def _norm_stats_record(source: Any) -> dict[str, Any] | None:
+    """The per-parcel scaling the model was trained with (median/IQR of the training runs), for the model file."""
+    path = getattr(source, "norm_stats_path", None)
+    if not path:
+        return None
+    from brainfoundry.shards import read_norm_stats
+
+    median, iqr = read_norm_stats(path, list(source.parcel_names))
+    return {"method": "x' = (x - median) / iqr per parcel; statistics of the training split's runs",
+            "file": Path(path).name, "sha256": sha256_file(path),
+            "median": [float(v) for v in median], "iqr": [float(v) for v in iqr]}
 
 
 def _model_window(family: str, values: Mapping[str, Any], cfg: TrainConfig) -> int:
@@ -805,7 +830,8 @@ def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="brainfoundry train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", required=True, choices=FAMILY_NAMES)
     parser.add_argument("--shards", required=True, help="shard directory (bucket-<k>.parquet, manifest, norm_stats)")
-    parser.add_argument("--out", required=True, help="output directory (model.pt, metrics.csv, learning_curve.png)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (model.safetensors + model.json, metrics.csv, learning_curve.png)")
     parser.add_argument("--config", default=None, help="YAML: the workflow config or its pretrain section")
     parser.add_argument("--config-json", default=None, help="the pretrain section as JSON (used by the workflow)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -813,7 +839,9 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--resume", default="auto",
                         help="auto (continue a matching checkpoint in --out), never, always, or a checkpoint path")
     parser.add_argument("--mode", default="pretrain", choices=MODES)
-    parser.add_argument("--init", default=None, help="pretrained model file (finetune mode)")
+    parser.add_argument("--init", default=None,
+                        help="start from this model file (.safetensors, its .json, or an export-model folder): "
+                             "required in finetune mode, continued pretraining otherwise")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm progress bar (default: when stderr is a terminal)")
     args = parser.parse_args(argv)
@@ -826,7 +854,7 @@ def cli_main(argv: list[str]) -> int:
     final = summary.get("final", {})
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {args.family}: {summary['n_parameters']:,} parameters, final loss {final.get('loss', float('nan')):.4f}, "
-              f"{final.get('samples_per_s', float('nan')):.1f} samples/s -> {args.out}/model.pt")
+              f"{final.get('samples_per_s', float('nan')):.1f} samples/s -> {Path(args.out) / MODEL_FILE}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

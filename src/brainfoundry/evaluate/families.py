@@ -1,6 +1,7 @@
 """Adapters for the pretrained model families (`brainfoundry.models`): BrainLM, BrainMass, LCM.
 
-Each wraps a model file (``results/models/<family>/model.pt``) behind `ModelAdapter`:
+Each wraps a model file (``results/models/<family>/model.safetensors`` with its ``model.json``, or an
+``brainfoundry export-model`` folder) behind `ModelAdapter`:
 
 - BrainLM: windows of ``config.window`` points; CLS = pooled, parcel tokens averaged over patches;
   reconstruction through the decoder with the evaluation's own masks; forecasting by hiding the last
@@ -122,10 +123,12 @@ class TorchModelAdapter(ModelAdapter):
 def load_adapter(family: str, checkpoint: str | Path, evalset: EvalSet, name: str | None = None,
                  device: str = "cpu") -> TorchModelAdapter:
     """Load ``checkpoint`` (a model file) and wrap it; parcel count checked against the evaluation set."""
-    from brainfoundry.models import load_model, read_model_file
+    from brainfoundry.models.files import model_from_payload, read_model_file
 
-    model = load_model(checkpoint)
-    train_config = read_model_file(checkpoint).get("train_config") or {}
+    # safetensors + JSON, sha256 checked on the bytes parsed; a pickle file is refused unread.
+    payload = read_model_file(checkpoint)
+    model = model_from_payload(payload, checkpoint)
+    train_config = payload.get("train_config") or {}
     if family not in (model.family, name) and not str(family).startswith(model.family):
         raise InputError(checkpoint, f"holds a {model.family} model, not {family}")
     n = int(model.config.n_parcels)

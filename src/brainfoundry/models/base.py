@@ -10,8 +10,9 @@ The interface (DESIGN.md section 5), implemented by :mod:`~brainfoundry.models.b
 ``encode(batch) -> {"pooled": [B, D], "tokens": [B, L, D], "parcels": [B, N, D]}``
     Embeddings without any masking, for evaluation: CLS/pooled, per token, and per parcel.
 ``save(path)`` / :func:`brainfoundry.models.load_model`
-    One ``torch.save`` file holding the family name, the config (``n_parcels`` included), the state
-    dict and the parameter count, so a model file alone is enough to rebuild the model.
+    A model file (:mod:`brainfoundry.models.files`): safetensors weights and a JSON sidecar holding
+    the family name, the config (``n_parcels`` included), the parameter count and the weights' sha256,
+    so a model file alone is enough to rebuild the model, and reading one never runs code.
 
 Randomness (masks, view choice) is drawn per sample from ``batch["seed"]`` when the batch has it
 (the trainer sets it from the global seed, the step and the sample's global index), so a sample gets
@@ -31,9 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainfoundry.errors import ConfigError, InputError
-
-#: Version of the model-file layout; a reader refuses files from a newer one.
-MODEL_FORMAT_VERSION = 1
+from brainfoundry.models.files import MODEL_FORMAT_VERSION
 
 
 # -- configs ----------------------------------------------------------------------------------------
@@ -280,7 +279,7 @@ class FoundationModel(nn.Module):
                                      f"{self.config.n_parcels}")
 
     def payload(self) -> dict[str, Any]:
-        """What a model file holds."""
+        """What a model file (and the model part of a checkpoint) holds."""
         return {
             "format_version": MODEL_FORMAT_VERSION,
             "family": self.family,
@@ -292,12 +291,11 @@ class FoundationModel(nn.Module):
         }
 
     def save(self, path: str | Path, **extra: Any) -> Path:
-        """Write the model file atomically; ``extra`` entries (e.g. parcel names, train config) ride along."""
-        from brainfoundry.io import atomic_path
+        """Write the model file (``<name>.safetensors`` and ``<name>.json``) atomically; ``extra`` entries
+        (parcel names, train config: plain JSON values) ride along in the JSON."""
+        from brainfoundry.models.files import save_model
 
-        with atomic_path(path) as tmp:
-            torch.save({**self.payload(), **extra}, tmp)
-        return Path(path)
+        return save_model(self, path, **extra)
 
     def describe(self) -> str:
         return f"{self.family}: {self.num_parameters():,} trainable parameters, config {self.config.to_dict()}"
