@@ -139,7 +139,7 @@ def _targets(configfile: Path) -> list[str]:
     atlas = config["atlas"]["name"]
     targets = [f"results/shards/{atlas}/manifest.parquet", f"results/shards/{atlas}/norm_stats.parquet"]
     if (REPO / "workflow" / "rules" / "pretrain.smk").exists():
-        targets += [f"results/models/{family}/model.pt" for family in config["pretrain"]["families"]]
+        targets += [f"results/models/{family}/model.safetensors" for family in config["pretrain"]["families"]]
     return targets
 
 

@@ -71,11 +71,11 @@ def _refused_global(err: Exception) -> str:
     return f" (it holds {found.group(1)})" if found else ""
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's payload, its CRCs checked and unpickled with ``weights_only=True``."""
+def read_torch_file(path: str | Path) -> Any:
+    """A ``torch.save`` zip's content, its CRCs checked, unpickled with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "checkpoint not found")
+        raise InputError(path, "file not found")
     data = path.read_bytes()
     if data[:4] != b"PK\x03\x04":
         if data[:1] == b"\x80":
@@ -89,15 +89,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
         raise InputError(path, f"cannot read the checkpoint file ({err})") from None
     if bad is not None:
-        raise ModelChecksumError(path, f"member {bad} fails its CRC-32 check: the checkpoint is corrupt")
+        raise ModelChecksumError(path, f"member {bad} fails its CRC-32 check: the file is corrupt")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeModelFileError(path, "holds Python objects beyond tensors and plain values" + _refused_global(err) +
-                                         "; unpickling it could run code (a checkpoint of an older brainfoundry, or "
-                                         "crafted); " + CONVERT_HINT + ", or start over with --resume never") from None
+                                         "; unpickling it could run code (a file of an older brainfoundry, or "
+                                         "crafted); " + CONVERT_HINT) from None
     except Exception as err:  # torch raises several types for damaged archives
         raise InputError(path, f"cannot read the checkpoint file ({err})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's payload (:func:`read_torch_file`: CRCs checked, ``weights_only=True``)."""
+    if not Path(path).is_file():
+        raise InputError(path, "checkpoint not found")
+    payload = read_torch_file(path)
     if not isinstance(payload, dict) or "family" not in payload or "state_dict" not in payload:
         raise InputError(path, "not a brainfoundry checkpoint (no family/state_dict)")
     if payload.get("kind") != "checkpoint":

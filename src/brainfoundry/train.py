@@ -45,7 +45,7 @@ from brainfoundry.checkpoint import (CHECKPOINT_NAME, check_resumable, load_chec
 from brainfoundry.errors import BrainfoundryError, ConfigError, InputError
 from brainfoundry.io import atomic_path, sha256_file, write_json_atomic
 from brainfoundry.models import FAMILIES, FoundationModel, build_model, load_model, make_config
-from brainfoundry.models.files import MODEL_FILE, read_model_file
+from brainfoundry.models.files import MODEL_FILE, UnsafeModelFileError, read_model_file
 
 FAMILY_NAMES = tuple(FAMILIES)
 MODES = ("pretrain", "finetune")
@@ -536,6 +536,9 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
             check_resumable(resume_from, ckpt, family=family, model_config=model_cfg.to_dict(), train_config=fingerprint,
                             parcel_names=source.parcel_names, world_size=dist.world_size,
                             ignore_train_keys=RESUME_FREE_KEYS)
+        except UnsafeModelFileError as err:
+            # Never skipped silently, not even under "auto": a pickle where a checkpoint belongs is worth a stop.
+            raise UnsafeModelFileError(err.source, f"{err.problem}; or remove it (--resume never starts over)") from None
         except InputError as err:
             if resume != "auto":
                 raise
@@ -671,7 +674,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
     if dist.main:
         model.save(out / MODEL_FILE, parcel_names=list(source.parcel_names), train_config=fingerprint,
                    atlas=getattr(source, "atlas", None), norm_stats=_norm_stats_record(source),
-                   data={"fingerprint": fingerprint["data"], "shards": str(getattr(source, "shards", "")) or None,
+                   data={"fingerprint": fingerprint["data"],
                          "init_sha256": init_payload["weights"]["sha256"] if init_payload else None},
                    training={"family": family, "mode": mode, "steps": cfg.steps, "world_size": dist.world_size,
                              "final": summary["final"]},

@@ -26,6 +26,7 @@ rule evaluate_lcm_pseudolabel:
         norm_stats=LAYOUT.norm_stats,
     output:
         model=evalwf.pseudo_label_file(RESULTS, "{target}"),
+        model_meta=evalwf.model_metadata(evalwf.pseudo_label_file(RESULTS, "{target}")),
     params:
         shards=lambda wildcards, input: str(Path(input.manifest).parent),
         out=lambda wildcards, output: str(Path(output.model).parent),

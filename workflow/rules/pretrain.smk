@@ -1,5 +1,5 @@
 # Pretraining: one job per model family on all shards of the atlas -> results/models/<family>/
-# (model.pt, metrics.csv, learning_curve.png in the report). GPUs come from the `gpu` resource that
+# (model.safetensors + model.json, metrics.csv, learning_curve.png in the report). GPUs come from the `gpu` resource that
 # snakemake-executor-plugin-slurm turns into a Slurm GPU request (config pretrain.gpus; 0 = CPU, the
 # demo); with more than one GPU the job runs torchrun on its node (DDP over env://, NCCL).
 # A killed job resumes from results/models/<family>/checkpoint.pt when it is run again (--resume
@@ -14,7 +14,7 @@ PRETRAIN = dict(config.get("pretrain", {}) or {})
 PRETRAIN_FAMILIES = check_workflow_settings(config)
 MODELS_DIR = f"{RESULTS}/models"
 PRETRAIN_TARGETS = [f"{MODELS_DIR}/{family}/{name}" for family in PRETRAIN_FAMILIES
-                    for name in ("model.pt", "metrics.csv", "learning_curve.png")]
+                    for name in ("model.safetensors", "model.json", "metrics.csv", "learning_curve.png")]
 
 
 wildcard_constraints:
@@ -27,7 +27,8 @@ rule pretrain:
         manifest=LAYOUT.manifest,
         norm_stats=LAYOUT.norm_stats,
     output:
-        model=f"{MODELS_DIR}/{{family}}/model.pt",
+        model=f"{MODELS_DIR}/{{family}}/model.safetensors",
+        model_meta=f"{MODELS_DIR}/{{family}}/model.json",
         metrics=f"{MODELS_DIR}/{{family}}/metrics.csv",
         curve=report(
             f"{MODELS_DIR}/{{family}}/learning_curve.png",

@@ -45,13 +45,18 @@ def baseline_tasks(ev: Mapping[str, Any]) -> list[str]:
 
 
 def model_file(results: str, model: str) -> str:
-    """The pretrained model file of a family (the pretrain rule's output)."""
-    return f"{results}/models/{model}/model.pt"
+    """The pretrained model file of a family (the pretrain rule's output; ``model.json`` beside it)."""
+    return f"{results}/models/{model}/model.safetensors"
 
 
 def pseudo_label_file(results: str, target: str) -> str:
     """The LCM model after the trainer's pseudo-label fine-tuning on ``target``."""
-    return f"{results}/models/lcm_pseudolabel/{target}/model.pt"
+    return f"{results}/models/lcm_pseudolabel/{target}/model.safetensors"
+
+
+def model_metadata(weights: str) -> str:
+    """The JSON sidecar of a model file (``brainfoundry.models.files.sidecar_path``, kept torch-free here)."""
+    return weights.rsplit(".", 1)[0] + ".json"
 
 
 def pseudo_label_settings(config: Mapping[str, Any], ev: Mapping[str, Any]) -> dict[str, Any]:

@@ -257,8 +257,9 @@ def save_model(model, path: str | Path, **extra: Any) -> Path:
 def convert_model(old: str | Path, new: str | Path, trust_pickle: bool = False) -> Path:
     """Rewrite a torch model file or training checkpoint as a safetensors model file.
 
-    A current checkpoint (``checkpoint.pt``) is read with ``weights_only=True``; anything else needs
-    ``trust_pickle``, because it is unpickled as is and could run code.
+    The file is read with ``weights_only=True`` (tensors and plain values only: a current checkpoint,
+    many old model files); one that needs more is converted only with ``trust_pickle``, because it is
+    then unpickled as is and could run code.
     """
     import torch
 
@@ -270,13 +271,13 @@ def convert_model(old: str | Path, new: str | Path, trust_pickle: bool = False) 
     if trust_pickle:
         payload = torch.load(old, map_location="cpu", weights_only=False)
     else:
-        from brainfoundry.checkpoint import load_checkpoint
+        from brainfoundry.checkpoint import read_torch_file
 
         try:
-            payload = load_checkpoint(old)
+            payload = read_torch_file(old)
         except UnsafeModelFileError:
-            raise UnsafeModelFileError(old, "needs unpickling, which can run arbitrary code: pass --trust-pickle "
-                                            "only for a file you trust") from None
+            raise UnsafeModelFileError(old, "holds Python objects that only a full unpickler reads, which can run "
+                                            "arbitrary code: pass --trust-pickle only for a file you trust") from None
     if not isinstance(payload, dict) or "family" not in payload or "state_dict" not in payload:
         raise InputError(old, "not a brainfoundry model file (no family/state_dict)")
     model = build_model(payload["family"], payload["config"])
