@@ -141,7 +141,7 @@ _VALID_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _PYBIDS_SKIPS_AT_ROOT = ("code", "models", "sourcedata", "stimuli", "derivatives")  # never indexed
 
 
-def scan_tree(root: Path, problems: "_Problems") -> list[str]:
+def scan_tree(root: Path, problems: _Problems) -> list[str]:
     """Paths under ``root`` that pybids must not index, each reported to ``problems`` first.
 
     pybids fails on them without naming a path: a file name that is not valid UTF-8 (``UnicodeEncodeError``
