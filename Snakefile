@@ -14,6 +14,13 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 validate(config, "config/config.schema.yaml")
 
 
+# Before Snakemake takes its lock: say whether one already here belongs to a live run or a killed one.
+if workflow.is_main_process:
+    from brainfoundry.locks import explain_lock
+
+    explain_lock()
+
+
 report: "workflow/report/workflow.rst"
 
 

@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPT = REPO / "scripts" / "slurm_local.sh"
 SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
-DEFAULT_PROFILE = REPO / "workflow" / "profiles" / "default" / "config.yaml"
+DEFAULT_PROFILE = REPO / "profiles" / "default" / "config.yaml"  # the workflow profile, beside the Snakefile
 
 
 @dataclass

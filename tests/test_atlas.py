@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import http.server
@@ -204,37 +205,116 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves ``root``; a path in ``routes`` is answered by that function instead (handler -> None)."""
+
+    root: Path
+    routes: dict
+    hits: list
+    timeout = 20  # a stuck client cannot hold a server thread longer
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=str(self.root), **kwargs)
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.hits.append(self.path)
+        route = self.routes.get(self.path)
+        return route(self) if route else super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(root: Path, cert: tuple[Path, Path] | None, routes: dict, hits: list):
+    """A loopback server on a free port (TLS with ``cert``) in a daemon thread; returns (server, base URL)."""
+    handler = type("Handler", (_Handler,), {"root": root, "routes": routes, "hits": hits})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*cert)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"{'https' if cert else 'http'}://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.fixture
-def atlas_server(tmp_path):
+def atlas_server(tmp_path, monkeypatch):
     """A loopback HTTPS server (self-signed) serving a directory; yields (base URL, root, CA file, hits)."""
     pytest.importorskip("cryptography")
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # loopback, never through a proxy
     root = tmp_path / "www"
     root.mkdir()
     hits: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            hits.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    cert, key = _self_signed(tmp_path)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    cert = _self_signed(tmp_path)
+    server, base = _serve(root, cert, {}, hits)
     try:
-        yield f"https://127.0.0.1:{server.server_address[1]}", root, cert, hits
+        yield base, root, cert[0], hits
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def routed_server(tmp_path, monkeypatch):
+    """Start loopback servers with special routes: ``start(routes, tls=True) -> base URL``; all are
+    shut down after the test. The CA file of the TLS ones is ``start.cafile``."""
+    pytest.importorskip("cryptography")
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    cert = _self_signed(tmp_path)
+    servers = []
+
+    def start(routes: dict, tls: bool = True) -> str:
+        root = tmp_path / f"www{len(servers)}"
+        root.mkdir()
+        server, base = _serve(root, cert if tls else None, routes, [])
+        servers.append(server)
+        return base
+
+    start.cafile = cert[0]
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def _stream(sent: list, total: int, length: int | None = None, chunk: int = 1 << 16, pause: float = 0.0):
+    """A route that answers ``total`` bytes (Content-Length ``length`` if given) in chunks, counting in
+    ``sent`` what the client accepted before it hung up; it stops by itself at ``total``."""
+    import time
+
+    def route(handler):
+        handler.send_response(200)
+        if length is not None:
+            handler.send_header("Content-Length", str(length))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        block = b"\0" * chunk
+        try:
+            for _ in range(total // chunk):
+                handler.wfile.write(block)
+                handler.wfile.flush()
+                sent[0] += chunk
+                if pause:
+                    time.sleep(pause)
+        except OSError:  # the client stopped reading: what we wanted to see
+            pass
+        handler.close_connection = True
+
+    return route
+
+
+def _redirect(location: str):
+    def route(handler):
+        handler.send_response(302)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return route
 
 
 def test_fetch_over_https_with_checksum_and_cache(tmp_path, atlas_server):
@@ -269,6 +349,124 @@ def test_fetch_rejects_untrusted_certificate_and_plain_http(tmp_path, atlas_serv
         fetch_atlas("http://example.org/toy.nii.gz", digest, tmp_path / "cache")
     with pytest.raises(ConfigError, match="sha256"):
         fetch_atlas(f"{base}/toy.nii.gz", "", tmp_path / "cache")
+
+
+def test_fetch_follows_https_redirects_but_refuses_plain_http(tmp_path, routed_server):
+    body = b"atlas bytes"
+    digest = hashlib.sha256(body).hexdigest()
+
+    def serve_body(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    plain = routed_server({"/toy.nii.gz": serve_body}, tls=False)
+    tls = routed_server({"/toy.nii.gz": serve_body, "/moved.nii.gz": _redirect("/toy.nii.gz"),
+                         "/downgrade.nii.gz": _redirect(f"{plain}/toy.nii.gz")})
+    cache = tmp_path / "cache"
+    path = fetch_atlas(f"{tls}/moved.nii.gz", digest, cache, cafile=routed_server.cafile)
+    assert path.read_bytes() == body
+    with pytest.raises(InputError, match=rf"redirected to {plain}/toy.nii.gz: only https is followed") as info:
+        fetch_atlas(f"{tls}/downgrade.nii.gz", digest, tmp_path / "cache2", cafile=routed_server.cafile)
+    assert info.value.source == f"{tls}/downgrade.nii.gz"
+    assert not (tmp_path / "cache2").exists() or list((tmp_path / "cache2").iterdir()) == []
+    with pytest.raises(InputError, match="must be https"):  # loopback is no exception any more
+        fetch_atlas(f"{plain}/toy.nii.gz", digest, tmp_path / "cache3")
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["content-length", "no-length"])
+def test_fetch_stops_at_max_bytes(tmp_path, routed_server, announce):
+    total, cap = 64 << 20, 256 << 10
+    sent = [0]
+    base = routed_server({"/big.nii.gz": _stream(sent, total, length=total if announce else None)})
+    cache = tmp_path / "cache"
+    match = "Content-Length is 67108864 bytes, more than atlas.max_bytes" if announce else \
+        r"more than atlas.max_bytes \(262144 bytes\); download stopped"
+    with pytest.raises(InputError, match=match):
+        fetch_atlas(f"{base}/big.nii.gz", "0" * 64, cache, cafile=routed_server.cafile, max_bytes=cap)
+    assert list(cache.iterdir()) == []
+    # The client hung up at the cap: the server got rid of no more than the cap plus socket buffers.
+    import time
+
+    time.sleep(0.5)
+    assert sent[0] < 16 << 20, sent[0]
+
+
+def test_fetch_has_an_overall_timeout(tmp_path, routed_server):
+    import time
+
+    sent = [0]
+    drip = _stream(sent, 200, length=200, chunk=1, pause=0.1)  # 200 bytes over 20 s, each read quick
+    base = routed_server({"/slow.nii.gz": drip})
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"download took longer than 1 s; stopped"):
+        fetch_atlas(f"{base}/slow.nii.gz", "0" * 64, tmp_path / "cache", cafile=routed_server.cafile,
+                    timeout=1.0, read_timeout=10.0)
+    assert time.monotonic() - started < 4
+    assert 0 < sent[0] < 60
+
+
+def _connect_proxy(tunnels: list):
+    """A one-thread HTTP CONNECT proxy on loopback (what ``https_proxy`` names on a cluster); records
+    the tunnels it opened. Returns (listening socket, port); closing the socket stops it."""
+    import select
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(20)
+
+    def serve():
+        with contextlib.suppress(OSError):
+            client, _ = listener.accept()
+            with client:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += client.recv(4096)
+                target = request.split()[1].decode()
+                tunnels.append(target)
+                host, port = target.rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=20) as upstream:
+                    client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    for _ in range(10_000):  # bounded relay
+                        ready, _, _ = select.select([client, upstream], [], [], 20)
+                        if not ready:
+                            break
+                        data = ready[0].recv(65536)
+                        if not data:
+                            break
+                        (upstream if ready[0] is client else client).sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+def test_fetch_goes_through_https_proxy(tmp_path, atlas_server, monkeypatch):
+    base, root, cafile, hits = atlas_server
+    small_atlas(root / "toy.nii.gz")
+    digest = hashlib.sha256((root / "toy.nii.gz").read_bytes()).hexdigest()
+    tunnels: list[str] = []
+    listener, port = _connect_proxy(tunnels)
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        path = fetch_atlas(f"{base}/toy.nii.gz", digest, tmp_path / "cache", cafile=cafile)
+    finally:
+        listener.close()
+    assert path.read_bytes() == (root / "toy.nii.gz").read_bytes()
+    assert tunnels == [base.removeprefix("https://")] and hits == ["/toy.nii.gz"]
+
+
+def test_max_bytes_default_is_the_schemas():
+    import yaml
+
+    from brainfoundry.atlas import DEFAULT_MAX_BYTES, rule_source_args
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.schema.yaml").read_text())
+    assert schema["properties"]["atlas"]["properties"]["max_bytes"]["default"] == DEFAULT_MAX_BYTES
+    args = rule_source_args({"url": "https://example.org/a.nii.gz", "sha256": "0" * 64, "max_bytes": 1000})
+    assert args.endswith("--max-bytes 1000")
 
 
 def test_cli_downloads_and_prepares(tmp_path, atlas_server):

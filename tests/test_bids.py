@@ -307,3 +307,57 @@ def test_multi_echo_raw_runs_are_one_run(tmp_path):
     assert table["run_id"].tolist() == ["sub-01_task-rest_run-1"]
     assert table.loc[0, "raw_bold"].endswith("sub-01_task-rest_run-1_echo-1_bold.nii.gz")
     assert table.loc[0, "bold"].endswith("sub-01_task-rest_run-1_space-MNI152NLin2009cAsym_res-2_desc-preproc_bold.nii.gz")
+
+
+# -- names pybids cannot index: each named, skipped or refused by bids.on_invalid ---------------------
+def _two_subjects(tmp_path) -> tuple[Path, Path]:
+    raw = _raw_tree(tmp_path / "raw", {"01": ["func/sub-01_task-rest_run-1"], "02": ["func/sub-02_task-rest_run-1"]})
+    return raw, _deriv_tree(tmp_path / "deriv", raw)
+
+
+@pytest.mark.parametrize("entry", ["raw", "derivatives"])
+def test_non_utf8_file_name_is_named_by_its_folder(tmp_path, entry, caplog):
+    raw, deriv = _two_subjects(tmp_path)
+    folder = (raw if entry == "raw" else deriv) / "sub-01" / "func"
+    with open(os.fsencode(folder) + b"/notes\xff.txt", "wb"):  # e.g. a Latin-1 name on a UTF-8 system
+        pass
+    with pytest.raises(InputError, match=r"sub-01/func: file name b'notes\\xff.txt' is not valid UTF-8") as info:
+        bids.index_dataset(_config(raw, deriv, entry))
+    assert info.value.source == str(folder) and "\n" not in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="brainfoundry.bids"):
+        table = bids.index_dataset(_config(raw, deriv, entry, on_invalid="skip"))
+    assert table["run_id"].tolist() == ["sub-01_task-rest_run-1", "sub-02_task-rest_run-1"]
+    assert f"skipping: {folder}: file name" in caplog.text
+
+
+@pytest.mark.parametrize("entry", ["raw", "derivatives"])
+def test_invalid_subject_label_names_the_folder_and_injects_nothing(tmp_path, entry, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an injected `touch x` would land
+    raw, deriv = _two_subjects(tmp_path)
+    root = raw if entry == "raw" else deriv
+    bad = root / "sub-11;touch x;"
+    _touch(bad / "func" / "sub-11;touch x;_task-rest_run-1_bold.nii.gz")
+    _touch(bad / "func" / f"sub-11;touch x;_task-rest_run-1_{SPACE_ENTS}_desc-preproc_bold.nii.gz")
+    with pytest.raises(InputError, match=r"not a valid BIDS sub folder: the label '11;touch x;'") as info:
+        bids.index_dataset(_config(raw, deriv, entry))
+    assert info.value.source == str(bad)
+    with caplog.at_level(logging.WARNING, logger="brainfoundry.bids"):
+        table = bids.index_dataset(_config(raw, deriv, entry, on_invalid="skip"))
+    assert table["subject"].tolist() == ["01", "02"]
+    assert f"skipping: {bad}" in caplog.text
+    assert not list(tmp_path.rglob("x"))
+
+
+@pytest.mark.parametrize("entry", ["raw", "derivatives"])
+def test_directory_cycle_is_reported_as_a_cycle(tmp_path, entry, caplog):
+    raw, deriv = _two_subjects(tmp_path)
+    link = (raw if entry == "raw" else deriv) / "sub-01" / "func" / "loop"
+    link.symlink_to("..", target_is_directory=True)
+    with pytest.raises(InputError, match=r"func/loop: directory cycle: this symlink leads back to its own parent "
+                                         r"folder .*sub-01$") as info:
+        bids.index_dataset(_config(raw, deriv, entry))
+    assert info.value.source == str(link)
+    with caplog.at_level(logging.WARNING, logger="brainfoundry.bids"):
+        table = bids.index_dataset(_config(raw, deriv, entry, on_invalid="skip"))
+    assert table["run_id"].tolist() == ["sub-01_task-rest_run-1", "sub-02_task-rest_run-1"]
+

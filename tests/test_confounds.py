@@ -150,3 +150,17 @@ def test_unreadable_tsv(tmp_path):
         load_run_confounds(path, BASE, 3)
     with pytest.raises(InputError, match="not found"):
         load_run_confounds(tmp_path / "absent.tsv", BASE, 3)
+
+
+def test_non_numeric_cell_names_file_column_and_row(tmp_path):
+    path = write_tsv(tmp_path)
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    cells = lines[8].split("\t")  # data row 8
+    cells[header.index("trans_y")] = "0.1O"  # a letter O typed for a zero
+    lines[8] = "\t".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as info:
+        load_run_confounds(path, BASE, 60)
+    assert str(info.value) == (f"{path}: column 'trans_y', row 8 (line 9): '0.1O' is not a number "
+                               "(confounds must be numbers or n/a)")

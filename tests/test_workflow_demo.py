@@ -27,6 +27,23 @@ def _snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 150
     return proc
 
 
+def test_plain_command_loads_the_default_profile(tmp_path):
+    """README's `snakemake --cores N --configfile X` (no --profile) gets profiles/default: its settings are
+    in force (printshellcmds shows the shell lines even in a dry run)."""
+    import yaml
+
+    from brainfoundry.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "demo_data", n_subjects=2, n_volumes=12, two_run_subjects=0)
+    proc = _snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"), timeout=600)
+    log = proc.stdout + proc.stderr
+    assert "workflow specific profile" in log and "profiles/default for setting default command line" in log, log[-3000:]
+    assert "brainfoundry parcellate --bold" in log, log[-3000:]  # a shell line: printshellcmds is on
+    profile = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
+    assert profile["keep-going"] and profile["rerun-incomplete"] and profile["retries"] >= 1
+    assert not (REPO / "workflow" / "profiles" / "default").exists()  # one default profile, where Snakemake looks
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """A workdir in which the whole demo workflow has run (4 subjects, one with two runs)."""

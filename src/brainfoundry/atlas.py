@@ -1,4 +1,4 @@
-"""Atlas preparation: fetch (path or https + sha256), labels + centroids, resample once per BOLD grid.
+"""Atlas preparation: fetch (path, or bounded https + sha256), labels + centroids, resample once per grid.
 
 An atlas is a 3D NIfTI label image (0 = background) plus a labels table. The labels table can be
 
@@ -21,11 +21,12 @@ JSON sidecar but stay in the labels table, so every run of an atlas has the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
-import ipaddress
 import logging
 import os
 import re
+import socket
 import ssl
 import urllib.parse
 import urllib.request
@@ -111,37 +112,45 @@ def grid_for_space(space: str, reference_img: str | os.PathLike | None = None) -
 
 # -- fetching ---------------------------------------------------------------------------------------
 
-def _is_loopback(host: str | None) -> bool:
-    if host in (None, ""):
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+# Schema default of atlas.max_bytes (config/config.schema.yaml; tests check they agree): atlases are a
+# few MB, the largest 1 mm label images some tens of MB.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 300.0  # the whole download, redirects included
+READ_TIMEOUT_S = 30.0  # one connect or read
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def fetch_atlas(url: str, sha256: str, cache_dir: str | os.PathLike, *, cafile: str | os.PathLike | None = None,
-                timeout: float = 60.0) -> Path:
+                max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = DEFAULT_TIMEOUT_S,
+                read_timeout: float = READ_TIMEOUT_S) -> Path:
     """Download ``url`` into ``cache_dir`` (once), verify its sha256 and return the cached path.
 
     The download goes to a temporary name in the cache and is renamed only after the checksum
-    matched, so a failed or tampered download never appears under the cache name. Only https is
-    accepted (``cafile`` adds a CA bundle, e.g. for a private mirror); plain http only for loopback
-    hosts, which is what the tests' local server uses when no TLS is wanted.
+    matched, so a failed or tampered download never appears under the cache name. Bounds:
+
+    - https only, through every redirect (at most ``MAX_REDIRECTS``); ``cafile`` is a PEM CA bundle
+      trusted in addition to the system's (a private mirror, or the tests' self-signed server);
+    - at most ``max_bytes`` (``atlas.max_bytes``): a larger Content-Length is refused before the body,
+      and the stream is stopped as soon as it passes the cap (servers that send no length, or lie);
+    - ``timeout`` seconds for the whole download (a server that drips bytes cannot hold the job),
+      ``read_timeout`` for each connect or read.
+
+    ``https_proxy``/``no_proxy`` are honoured as urllib does (a CONNECT tunnel).
 
     Raises
     ------
     InputError
-        Naming the URL: not https, HTTP/network failure, or a checksum mismatch.
+        Naming the URL: not https (or redirected to something else), too large, too slow, HTTP or
+        network failure, or a checksum mismatch.
     """
     if not sha256 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ConfigError("atlas.sha256", "an atlas url needs its sha256 (64 lowercase hex digits)")
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme != "https" and not (parsed.scheme == "http" and _is_loopback(parsed.hostname)):
-        raise InputError(url, "atlas URLs must be https (plain http only for loopback test servers)")
-    name = Path(urllib.parse.unquote(parsed.path)).name or "atlas.nii.gz"
+    if urllib.parse.urlsplit(url).scheme != "https":
+        raise InputError(url, "atlas URLs must be https")
+    if max_bytes < 1:
+        raise ConfigError("atlas.max_bytes", f"must be a positive number of bytes, got {max_bytes}")
+    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "atlas.nii.gz"
     cache = Path(cache_dir)
     target = cache / f"{sha256[:16]}_{name}"
     if target.exists():
@@ -149,19 +158,107 @@ def fetch_atlas(url: str, sha256: str, cache_dir: str | os.PathLike, *, cafile: 
         if found == sha256:
             return target
         log.warning("cached atlas %s has sha256 %s, expected %s; downloading again", target, found, sha256)
-    context = ssl.create_default_context(cafile=os.fspath(cafile) if cafile else None)
+    context = ssl.create_default_context()
+    if cafile:
+        try:
+            context.load_verify_locations(cafile=os.fspath(cafile))
+        except (OSError, ssl.SSLError) as err:
+            raise InputError(cafile, f"cannot load CA bundle: {err}") from err
     digest = hashlib.sha256()
     with atomic_path(target) as tmp:  # removed unless the block finishes: no half or bad file in the cache
-        try:
-            with urllib.request.urlopen(url, timeout=timeout, context=context) as response, open(tmp, "wb") as out:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    digest.update(block)
-                    out.write(block)
-        except (OSError, ValueError) as err:  # URLError/HTTPError/SSL errors are OSErrors
-            raise InputError(url, f"download failed: {err}") from err
+        with open(tmp, "wb") as out:
+            _download(url, out, digest, context, max_bytes=max_bytes, timeout=timeout, read_timeout=read_timeout)
         if digest.hexdigest() != sha256:
             raise InputError(url, f"sha256 mismatch: expected {sha256}, downloaded file has {digest.hexdigest()}")
     return target
+
+
+def _download(url: str, out, digest, context: ssl.SSLContext, *, max_bytes: int, timeout: float,
+              read_timeout: float) -> None:
+    """Stream ``url`` into ``out`` within the bounds of :func:`fetch_atlas` (redirects followed here,
+    so that each hop is checked)."""
+    import http.client
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(current)
+        if parts.scheme != "https":
+            raise InputError(url, f"redirected to {current}: only https is followed")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise InputError(url, f"download took longer than {timeout:g} s; stopped")
+        conn = _connection(parts, context, min(read_timeout, remaining))
+        expired = threading.Event()
+
+        def abort(conn=conn, expired=expired):
+            # The overall bound: a blocked connect/read wakes up when its socket is shut down.
+            expired.set()
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(remaining, abort)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request("GET", target, headers={"Accept-Encoding": "identity", "User-Agent": "brainfoundry"})
+            response = conn.getresponse()
+            if response.status in _REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise InputError(url, f"HTTP {response.status} redirect without a Location header")
+                current = urllib.parse.urljoin(current, location)
+                continue
+            if response.status != 200:
+                raise InputError(url, f"download failed: HTTP {response.status} {response.reason}")
+            length = response.getheader("Content-Length")
+            if length and length.strip().isdigit() and int(length) > max_bytes:
+                raise InputError(url, f"Content-Length is {int(length)} bytes, more than atlas.max_bytes "
+                                      f"({max_bytes}); not downloaded")
+            received = 0
+            while block := response.read1(1 << 16):  # what has arrived, so a drip is checked often
+                received += len(block)
+                if received > max_bytes:
+                    raise InputError(url, f"more than atlas.max_bytes ({max_bytes} bytes); download stopped")
+                if time.monotonic() > deadline:
+                    raise InputError(url, f"download took longer than {timeout:g} s; stopped")
+                digest.update(block)
+                out.write(block)
+            if expired.is_set():  # the socket was shut down under a read: an end of data that is not one
+                raise InputError(url, f"download took longer than {timeout:g} s; stopped")
+            return
+        except (OSError, http.client.HTTPException, ValueError) as err:  # ssl/socket errors are OSErrors
+            if expired.is_set():
+                raise InputError(url, f"download took longer than {timeout:g} s; stopped") from err
+            raise InputError(url, f"download failed: {err}") from err
+        finally:
+            watchdog.cancel()
+            conn.close()
+    raise InputError(url, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _connection(parts: urllib.parse.SplitResult, context: ssl.SSLContext, timeout: float):
+    """An HTTPS connection to the URL's host, through ``https_proxy`` (CONNECT) unless ``no_proxy`` says not."""
+    import http.client
+
+    host, port = parts.hostname or "", parts.port or 443
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxied = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        headers = {}
+        if proxied.username:
+            import base64
+
+            token = f"{urllib.parse.unquote(proxied.username)}:{urllib.parse.unquote(proxied.password or '')}"
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        conn = http.client.HTTPSConnection(proxied.hostname, proxied.port or 8080, timeout=timeout, context=context)
+        conn.set_tunnel(host, port, headers=headers)
+        return conn
+    return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
 
 
 def resolve_atlas_source(atlas_cfg: dict, *, cafile: str | None = None) -> Path:
@@ -175,7 +272,7 @@ def resolve_atlas_source(atlas_cfg: dict, *, cafile: str | None = None) -> Path:
         return Path(path)
     if url:
         return fetch_atlas(url, atlas_cfg.get("sha256") or "", atlas_cfg.get("cache_dir", ".cache/brainfoundry/atlases"),
-                           cafile=cafile)
+                           cafile=cafile, max_bytes=int(atlas_cfg.get("max_bytes", DEFAULT_MAX_BYTES)))
     raise ConfigError("atlas", "set atlas.path or atlas.url")
 
 
@@ -457,6 +554,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sha256", help="expected sha256 of the downloaded image")
     parser.add_argument("--cache-dir", default=".cache/brainfoundry/atlases", help="download cache")
     parser.add_argument("--ca-bundle", help="extra CA certificates (PEM) for the https download")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help=f"refuse a download larger than this (atlas.max_bytes; default {DEFAULT_MAX_BYTES})")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds for the whole download (default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--labels", help="labels table (TSV index,name[,x,y,z,network] or 'index x y z')")
     parser.add_argument("--name", required=True, help="atlas name (seg-<name>)")
     parser.add_argument("--space", required=True, help="BOLD space, e.g. MNI152NLin2009cAsym_res-2")
@@ -470,7 +571,8 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.url:
-        path = fetch_atlas(args.url, args.sha256 or "", args.cache_dir, cafile=args.ca_bundle)
+        path = fetch_atlas(args.url, args.sha256 or "", args.cache_dir, cafile=args.ca_bundle,
+                           max_bytes=args.max_bytes, timeout=args.timeout)
     else:
         path = Path(args.atlas)
         if not path.exists():
@@ -508,12 +610,13 @@ def rule_inputs(atlas_cfg: dict, entry: str) -> dict[str, str]:
 
 
 def rule_source_args(atlas_cfg: dict) -> str:
-    """``--atlas PATH`` or ``--url URL --sha256 H --cache-dir D`` (shell-quoted)."""
+    """``--atlas PATH`` or ``--url URL --sha256 H --cache-dir D --max-bytes N`` (shell-quoted)."""
     import shlex
 
     if atlas_cfg.get("url"):
         return (f"--url {shlex.quote(atlas_cfg['url'])} --sha256 {shlex.quote(str(atlas_cfg.get('sha256') or ''))} "
-                f"--cache-dir {shlex.quote(str(atlas_cfg.get('cache_dir', '.cache/brainfoundry/atlases')))}")
+                f"--cache-dir {shlex.quote(str(atlas_cfg.get('cache_dir', '.cache/brainfoundry/atlases')))} "
+                f"--max-bytes {int(atlas_cfg.get('max_bytes', DEFAULT_MAX_BYTES))}")
     return f"--atlas {shlex.quote(str(atlas_cfg['path']))}"
 
 

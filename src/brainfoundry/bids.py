@@ -14,8 +14,9 @@ Two entry points (``config["entry_point"]``):
 
 A run that cannot be used (bold without RepetitionTime, missing mask/confounds, a subject without bold)
 raises :class:`~brainfoundry.errors.InputError` with ``bids.on_invalid: error``, or is logged (python
-``logging``) and left out with ``skip``. Dataset-level problems (no ``dataset_description.json``, a
-participants column that is not there) are always errors.
+``logging``) and left out with ``skip``; so is a path pybids cannot index (:func:`scan_tree`: a file
+name that is not UTF-8, an invalid ``sub-``/``ses-`` label, a symlink cycle). Dataset-level problems
+(no ``dataset_description.json``, a participants column that is not there) are always errors.
 """
 
 from __future__ import annotations
@@ -118,13 +119,84 @@ def _as_configured(path: str, root: Path) -> str:
         return path
 
 
-def _layout(root: Path, derivative: bool):
+def _layout(root: Path, derivative: bool, skipped: Iterable[str] = ()):
     from bids import BIDSLayout
     from bids.layout import BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
 
-    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
+    # Our own ignores are anchored regexes on the root-relative path (pybids would read a plain string
+    # as a regex, and names here may hold regex characters); pybids' defaults stay.
+    ignore = [*DEFAULT_LOCATIONS_TO_IGNORE,
+              *(re.compile("^/" + re.escape(os.path.relpath(path, root)) + "(/|$)") for path in skipped)]
+    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=ignore)
     kwargs = {"is_derivative": True, "config": ["bids", "derivatives"]} if derivative else {}
     return BIDSLayout(str(root), validate=False, indexer=indexer, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Names pybids cannot index
+# --------------------------------------------------------------------------------------------------
+_LABEL_FOLDER = re.compile(r"^(sub|ses)-(.*)$")
+_VALID_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_PYBIDS_SKIPS_AT_ROOT = ("code", "models", "sourcedata", "stimuli", "derivatives")  # never indexed
+
+
+def scan_tree(root: Path, problems: _Problems) -> list[str]:
+    """Paths under ``root`` that pybids must not index, each reported to ``problems`` first.
+
+    pybids fails on them without naming a path: a file name that is not valid UTF-8 (``UnicodeEncodeError``
+    from its database), a ``sub-``/``ses-`` folder whose label is not letters and digits (``KeyError``
+    later), a symlink to one of its own parent folders (pybids follows it until the OS refuses, and every
+    run appears many times). With ``bids.on_invalid: error`` the first one raises; with ``skip`` it is
+    logged and left out of the index. Walks what pybids walks (symlinks followed; dot-names and the
+    top-level folders pybids ignores are skipped).
+    """
+    skipped: list[str] = []
+    stack = [(str(root), frozenset({_dir_key(root)}), 0)]
+    while stack:
+        folder, ancestors, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            problems(folder, f"cannot list folder ({err.strerror})")
+            skipped.append(folder)
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or (depth == 0 and name.startswith(_PYBIDS_SKIPS_AT_ROOT)):
+                continue
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                problems(folder, f"file name {os.fsencode(name)!r} is not valid UTF-8 (rename it; "
+                                 "bids.on_invalid: skip leaves it out)")
+                skipped.append(entry.path)
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks, as pybids does
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                continue
+            label = _LABEL_FOLDER.match(name)
+            if label and not _VALID_LABEL.match(label.group(2)):
+                problems(entry.path, f"not a valid BIDS {label.group(1)} folder: the label "
+                                     f"{label.group(2)!r} must be letters and digits only")
+                skipped.append(entry.path)
+                continue
+            key = _dir_key(Path(entry.path))
+            if key in ancestors:
+                problems(entry.path, f"directory cycle: this symlink leads back to its own parent folder "
+                                     f"{os.path.realpath(entry.path)}")
+                skipped.append(entry.path)
+                continue
+            stack.append((entry.path, ancestors | {key}, depth + 1))
+    return skipped
+
+
+def _dir_key(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +297,7 @@ def index_dataset(config: dict) -> pd.DataFrame:
 
 def _index_derivatives(root: Path, space: str, res: str | None, bcfg: dict, problems: _Problems) -> list[dict]:
     _require_description(root, "fMRIPrep derivatives")
-    layout = _layout(root, derivative=True)
+    layout = _layout(root, derivative=True, skipped=scan_tree(root, problems))
     query = {"space": space, **_query_filters(bcfg), "return_type": "filename"}
     if res:
         query["res"] = res
@@ -289,7 +361,7 @@ def expected_derivatives(derivatives_dir: str | os.PathLike, raw_bold: str | os.
 def _index_raw(root: Path, derivatives_dir: Path, space: str, res: str | None, bcfg: dict,
                problems: _Problems) -> list[dict]:
     _require_description(root, "raw BIDS")
-    layout = _layout(root, derivative=False)
+    layout = _layout(root, derivative=False, skipped=scan_tree(root, problems))
     query = {**_query_filters(bcfg), "return_type": "filename"}
     bolds = [_as_configured(p, root) for p in layout.get(suffix="bold", datatype="func", extension=BOLD_EXTENSIONS, **query)]
     dataset = bcfg.get("dataset_name") or root.name

@@ -65,6 +65,17 @@ def read_confounds_table(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(path, f"cannot read confounds TSV: {err}") from err
     if table.shape[1] < 2:
         raise InputError(path, "confounds TSV has fewer than two columns; is it tab-separated?")
+    for column in table.columns:
+        if pd.api.types.is_numeric_dtype(table[column]):
+            continue
+        # fMRIPrep writes numbers and n/a only; nilearn would fail later on this column without the file.
+        values = table[column]
+        bad = pd.to_numeric(values, errors="coerce").isna() & values.notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(path, f"column '{column}', row {row + 1} (line {row + 2}): {values.iloc[row]!r} "
+                                   "is not a number (confounds must be numbers or n/a)")
+        table[column] = pd.to_numeric(values)
     return table
 
 
