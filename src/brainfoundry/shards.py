@@ -13,6 +13,11 @@ and the pFC views (DESIGN.md section 4). Layout choices, measured in ``benchmark
 - The file's key-value metadata ``brainfoundry`` holds JSON with ``schema_version``, ``config_hash``,
   ``atlas``, ``parcel_names``, ``parcel_coords``; readers refuse a schema version they do not know.
 
+Shards are written with parquet page checksums and read with their verification; the manifest records
+every shard's sha256 (``shard_sha256``), which :func:`verify_shards` checks once per process. The
+per-run files a shard is built from are read through :mod:`brainfoundry.runfiles`, which checks the
+sha256 their sidecars recorded.
+
 The manifest lists every row of every shard (bucket, row group, row index, run id, split, ...); the
 normalization statistics are per-parcel quantiles over the training split's time points, computed
 exactly with bounded memory by :func:`streaming_quantiles`.
