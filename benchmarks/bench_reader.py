@@ -13,6 +13,9 @@ What is measured (same synthetic runs for every row; float32 AR(1) series like d
   to the first batch are printed beside them.
 - ``naive random access``: reading the row group of each randomly chosen run to take one row (what a
   map-style dataset over parquet would do); the shuffle buffer exists to avoid exactly this.
+- checksums: every row is read with parquet page-checksum verification (the reader's setting), and
+  the sha256 of the shards, which a reader computes once per process against the manifest, is timed
+  and printed as a fraction of one epoch's reading.
 - shard bytes / raw float32 bytes and write MB/s per codec (raw array bytes per second of writing).
   With ``../shared/data`` present, the size ratio on real ABIDE CC200 series is printed too.
 
@@ -44,6 +47,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from brainfoundry import shards  # noqa: E402
 from brainfoundry.data import ShardDataset, make_dataloader  # noqa: E402
+from brainfoundry.io import sha256_file  # noqa: E402
 from brainfoundry.splits import split_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,6 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
         shards.write_manifest(shards.find_shards(dirs[default]), dirs[default] / "manifest.parquet",
                               dirs[default] / "norm_stats.parquet")
         manifest_s = time.perf_counter() - start
+        # What a reader pays once per process before its first batch: the sha256 of every shard,
+        # checked against the manifest (shards.verify_shards; later datasets in the process reuse it).
+        start = time.perf_counter()
+        for path in shards.find_shards(dirs[default]):
+            sha256_file(path)
+        checksum_s = time.perf_counter() - start
+        shard_bytes = dir_bytes(dirs[default])
         for codec in codecs:
             if codec != default:
                 shutil.copy(dirs[default] / "norm_stats.parquet", dirs[codec] / "norm_stats.parquet")
@@ -283,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
             print("ABIDE CC200 (real series, first %d files) bytes/raw: %s" % (
                 args.abide_files, ", ".join(f"{c} {v:.3f}" for c, v in abide.items())))
         print(f"manifest + train norm stats: {manifest_s:.1f} s")
+        epoch_s = args.runs / med[f"shards {default}"]
+        print(f"sha256 of the shards (once per process): {checksum_s:.2f} s for {shard_bytes / 1e6:.0f} MB "
+              f"({shard_bytes / checksum_s / 1e6:.0f} MB/s), {checksum_s / epoch_s:.3f} of one epoch's reading")
         peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"peak RSS: this process {peak_self:.0f} MB, largest worker {peak_children:.0f} MB")
@@ -310,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
             "write_MBps_by_codec": {c: round(v, 1) for c, v in write_s.items()},
             "write_speed_ratio_vs_plain": {c: round(write_s[c] / write_s["none"], 3) for c in codecs},
             "abide_bytes_ratio_vs_raw_by_codec": {c: round(v, 4) for c, v in abide.items()},
+            "checksum_s": round(checksum_s, 3),
+            "checksum_fraction_of_epoch": round(checksum_s / epoch_s, 4),
             "row_group_reads_per_unit": round(stats["row_groups_read"] / stats["n_units"], 3),
             "peak_rss_MB": round(peak_self, 1),
             "peak_worker_rss_MB": round(peak_children, 1),

@@ -325,3 +325,37 @@ def test_from_config_uses_the_shards_settings(built):
     assert (ds.window, ds.short_runs, ds.buffer_size, ds.seed) == (35, "pad", 3, config["seed"])
     assert ds.splits == {"val"} and ds.n_samples == len(_runs_of(built, {"val"}))
     assert next(iter(ds))["x"].shape == (35, len(built["names"]))
+
+
+# -- corrupt shards: issue 15 ("bits flipped in a shard changed 100 values with no error") ---------------
+def test_flipped_bit_in_a_shard_is_a_named_error(tmp_path):
+    from brainfoundry.testing import write_synthetic_shards
+    from test_io import flip_byte
+
+    out = write_synthetic_shards(tmp_path / "shards", n_subjects=8, n_parcels=16, n_timepoints=80, pfc=False)
+    shard = out / "bucket-0.parquet"
+    before = pq.read_table(shard, columns=["timeseries"])
+    flip_byte(shard, "timeseries")
+    assert not pq.read_table(shard, columns=["timeseries"]).equals(before)  # plain pyarrow: no error
+    with pytest.raises(InputError, match=r"bucket-0\.parquet: checksum mismatch.*manifest\.parquet") as err:
+        ShardDataset(out, split=None, window=20)
+    assert err.value.source == str(shard)
+    # Without a manifest (no sha256 recorded) the page checksums still refuse the changed row group.
+    (out / "manifest.parquet").unlink()
+    ds = ShardDataset(out, split=None, window=20, scale=False, shuffle=False)
+    with pytest.raises(InputError, match=r"bucket-0\.parquet: corrupt shard \(row group 0\): parquet page checksum"):
+        list(ds)
+
+
+def test_shards_are_hashed_once_per_process(built, tmp_path):
+    import shutil
+
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(built["layout"].shard_dir, shard_dir)
+    paths = shards.find_shards(shard_dir)
+    assert shards.verify_shards(paths) == len(paths)
+    assert shards.verify_shards(paths) == 0  # already checked in this process
+    ShardDataset(shard_dir, split=None, window=WINDOW)  # the dataset reuses the check
+    assert shards.verify_shards(paths) == 0
+    paths[0].write_bytes(paths[0].read_bytes())  # rewritten (new mtime): checked again
+    assert shards.verify_shards(paths) == 1

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_io import flip_byte
 
-from brainfoundry import pfc
+from brainfoundry import pfc, shards
 from brainfoundry.cli import main as cli
 from brainfoundry.errors import InputError
+from brainfoundry.timeseries import import_run
 
 TOL = 1e-5
 
@@ -211,3 +214,52 @@ def test_real_abide_run_with_constant_rois(shared_data):
         ok = np.isfinite(ref)
         assert (~ok).any() and (views[k][~ok] == 0).all()
         np.testing.assert_allclose(views[k][ok], ref[ok], atol=TOL, rtol=0)
+
+
+# -- corrupt files: issue 15 ("bits flipped in a pFC parquet changed 37 values with no error") ----------
+RID = "sub-01_task-rest"
+
+
+def _workflow_run(tmp_path, n_t=200, n_p=20):
+    """One run's files as the workflow writes them: import-timeseries, then pfc (checksums recorded)."""
+    names = [f"P{i:02d}" for i in range(n_p)]
+    labels = tmp_path / "labels.tsv"
+    pd.DataFrame({"index": np.arange(1, n_p + 1), "name": names, "x": 0.0, "y": 0.0, "z": 0.0, "n_voxels": 5,
+                  "network": ""}).to_csv(labels, sep="\t", index=False)
+    np.save(tmp_path / "src.npy", _series(t=n_t, n=n_p))
+    files = {"labels": labels, "ts": tmp_path / "ts.parquet", "ts_json": tmp_path / "ts.json",
+             "pfc": tmp_path / "pfc.parquet", "pfc_json": tmp_path / "pfc.json"}
+    import_run(tmp_path / "src.npy", labels, files["ts"], files["ts_json"], tr=2.0, run_id=RID, atlas="T", space="X")
+    return files
+
+
+def _pfc(files):
+    pfc.write_run(files["ts"], files["pfc"], files["pfc_json"], subject="01", run_id=RID, global_seed=1, n_views=8)
+
+
+def _shard(files, out):
+    runs = pd.DataFrame({"run_id": [RID], "subject": ["01"], "split": ["train"], "bucket": [0], "tr": [2.0]})
+    return shards.write_shard(runs, out, labels=files["labels"], atlas="T", timeseries_pattern=str(files["ts"]),
+                              sidecar_pattern=str(files["ts_json"]), pfc_pattern=str(files["pfc"]))
+
+
+def test_flipped_bit_in_a_series_parquet_is_a_named_error(tmp_path):
+    files = _workflow_run(tmp_path)
+    before = pq.read_table(files["ts"])
+    flip_byte(files["ts"], "P05")
+    assert not pq.read_table(files["ts"]).equals(before)  # plain pyarrow: changed values, no error
+    with pytest.raises(InputError, match=r"ts\.parquet: checksum mismatch") as err:
+        _pfc(files)
+    assert err.value.source == str(files["ts"]) and not files["pfc"].exists()
+
+
+def test_flipped_bit_in_a_pfc_parquet_is_a_named_error(tmp_path):
+    files = _workflow_run(tmp_path)
+    _pfc(files)
+    assert _shard(files, tmp_path / "ok.parquet")["n_rows"] == 1
+    before = pq.read_table(files["pfc"])
+    flip_byte(files["pfc"], "pfc")
+    assert not pq.read_table(files["pfc"]).equals(before)  # plain pyarrow: changed values, no error
+    with pytest.raises(InputError, match=r"pfc\.parquet: checksum mismatch.*pfc\.json") as err:
+        _shard(files, tmp_path / "bucket-0.parquet")
+    assert err.value.source == str(files["pfc"]) and not (tmp_path / "bucket-0.parquet").exists()

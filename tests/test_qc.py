@@ -12,6 +12,7 @@ from test_parcellate import DENOISE, make_run, run_ours
 from brainfoundry.errors import InputError
 from brainfoundry.parcellate import write_outputs
 from brainfoundry.qc import _corr, _network_order, cli_main, qc_figures, run_fd
+from brainfoundry.runfiles import write_series
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,8 +52,11 @@ def test_fd_recomputed_when_absent(tmp_path):
 
 
 def test_raw_rows_must_match_sidecar(tmp_path, run_outputs):
-    paths, files, _ = run_outputs
-    pd.read_parquet(files["raw"]).iloc[:-1].to_parquet(files["raw"])
+    paths, files, result = run_outputs
+    # A consistent set of files (checksums recorded) whose raw means lack the last volume.
+    sidecar = json.loads(files["sidecar"].read_text())
+    write_series(files["timeseries"], result.cleaned, result.names, sidecar, sidecar_path=files["sidecar"],
+                 raw=(files["raw"], result.raw[:-1]))
     with pytest.raises(InputError, match="input volumes"):
         qc_figures(timeseries=files["timeseries"], timeseries_json=files["sidecar"], raw=files["raw"],
                    confounds=paths["confounds"], out_fd=tmp_path / "a.png", out_carpet=tmp_path / "b.png",

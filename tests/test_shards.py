@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from brainfoundry import shards
+from brainfoundry import runfiles, shards
 from brainfoundry.cli import main as cli
 from brainfoundry.errors import InputError
+from brainfoundry.io import sha256_file
 from brainfoundry.paths import Layout
 from brainfoundry.runtable import finalize
 
@@ -51,18 +52,14 @@ def write_inputs(root: Path, n_subjects: int = 12, n_parcels: int = N_PARCELS, l
             series[run_id] = x
             ts = Path(layout.timeseries.format(subject=subject, run_id=run_id))
             ts.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({n: x[:, i] for i, n in enumerate(names)}), ts)
             qc = {"mean_fd": float(rng.uniform(0.05, 0.3)), "fraction_censored": 0.1, "tsnr_median": None,
                   "zero_variance_parcels": zero}
-            ts.with_suffix(".json").write_text(json.dumps({"RepetitionTime": 2.0, "QC": qc}))
+            runfiles.write_series(ts, x, names, {"RepetitionTime": 2.0, "QC": qc})  # sidecar beside, with sha256
             with np.errstate(invalid="ignore", divide="ignore"):  # the constant parcel correlates as 0
                 views = np.stack([np.nan_to_num(np.corrcoef(x[v:].T))[iu] for v in range(n_views)]).astype(np.float16)
-            pfc = pa.table({"view": pa.array(np.arange(n_views, dtype=np.int32)),
-                            "seed": pa.array(np.arange(n_views, dtype=np.int64) + 1000 * s),
-                            "keep_fraction": pa.array(np.full(n_views, 0.8, np.float32)),
-                            "n_kept": pa.array(np.full(n_views, n_t - 1, np.int32)),
-                            "pfc": pa.FixedSizeListArray.from_arrays(pa.array(views.ravel()), len(iu[0]))})
-            pq.write_table(pfc, layout.pfc.format(subject=subject, run_id=run_id))
+            runfiles.write_relmat(layout.pfc.format(subject=subject, run_id=run_id), views=views,
+                                  seeds=np.arange(n_views) + 1000 * s, n_kept=np.full(n_views, n_t - 1),
+                                  keep_fraction=0.8, dtype="float16", sidecar={"NParcels": n_parcels})
             rows.append({"run_id": run_id, "subject": subject, "session": None, "task": "rest",
                          "run": str(r + 1) if runs_per_subject > 1 else None, "dataset": "toy",
                          "site": "A" if s % 2 else "B", "tr": 2.0,
@@ -72,6 +69,15 @@ def write_inputs(root: Path, n_subjects: int = 12, n_parcels: int = N_PARCELS, l
     runs = finalize(pd.DataFrame(rows), config)
     return {"config": config, "layout": layout, "runs": runs, "labels": labels, "names": names,
             "series": series}
+
+
+def rewrite_series(data: dict, run_id: str, x: np.ndarray, names: list[str] | None = None) -> str:
+    """Replace one run's series through the per-run writer (its sidecar keeps its keys, new sha256)."""
+    row = data["runs"].loc[run_id]
+    ts = data["layout"].timeseries.format(subject=row["subject"], run_id=run_id)
+    sidecar = runfiles.read_series_sidecar(runfiles.sidecar_of(ts))
+    runfiles.write_series(ts, x, names or data["names"], sidecar)
+    return ts
 
 
 def build_shards(data: dict, row_group_size: int = 3, compression: str = "zstd", manifest: bool = True) -> list[Path]:
@@ -233,9 +239,7 @@ def _victim(data) -> tuple[str, str]:
 
 def test_inconsistent_parcel_count_is_named_and_nothing_written(data):
     rid, subject = _victim(data)
-    ts = data["layout"].timeseries.format(subject=subject, run_id=rid)
-    x = data["series"][rid]
-    pq.write_table(pa.table({n: x[:, i] for i, n in enumerate(data["names"][:-1])}), ts)
+    ts = rewrite_series(data, rid, data["series"][rid][:, :-1], data["names"][:-1])
     with pytest.raises(InputError, match="parcel") as err:
         _write_first_bucket(data)
     assert err.value.source == ts and f"{N_PARCELS - 1} parcel columns" in str(err.value)
@@ -246,10 +250,9 @@ def test_inconsistent_parcel_count_is_named_and_nothing_written(data):
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_series_is_named_and_nothing_written(data, bad):
     rid, subject = _victim(data)
-    ts = data["layout"].timeseries.format(subject=subject, run_id=rid)
     x = data["series"][rid].copy()
     x[3, 1] = bad
-    pq.write_table(pa.table({n: x[:, i] for i, n in enumerate(data["names"])}), ts)
+    ts = rewrite_series(data, rid, x)
     with pytest.raises(InputError, match="NaN/inf") as err:
         _write_first_bucket(data)
     assert err.value.source == ts and "volume 3" in str(err.value)
@@ -260,9 +263,9 @@ def test_non_finite_series_is_named_and_nothing_written(data, bad):
 def test_pfc_of_wrong_size_is_named(data):
     rid, subject = _victim(data)
     path = data["layout"].pfc.format(subject=subject, run_id=rid)
-    table = pq.read_table(path)
-    short = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(table.num_rows * 4, np.float16)), 4)
-    pq.write_table(table.set_column(table.column_names.index("pfc"), "pfc", short), path)
+    good = runfiles.read_relmat(path, N_PARCELS)
+    runfiles.write_relmat(path, views=np.zeros((len(good["seed"]), 4)), seeds=good["seed"], n_kept=good["n_kept"],
+                          keep_fraction=good["keep_fraction"], dtype="float16", sidecar={})
     with pytest.raises(InputError, match="expected 15") as err:
         _write_first_bucket(data)
     assert err.value.source == path
@@ -298,6 +301,19 @@ def test_shards_of_different_atlases_are_refused(data, tmp_path):
     assert err.value.source == str(paths[1])
 
 
+
+def test_flipped_bit_in_a_series_parquet_stops_the_shard_writer(data):
+    from test_io import flip_byte
+
+    rid, subject = _victim(data)
+    ts = data["layout"].timeseries.format(subject=subject, run_id=rid)
+    flip_byte(ts, data["names"][1])
+    with pytest.raises(InputError, match="checksum mismatch") as err:
+        _write_first_bucket(data)
+    assert err.value.source == ts
+    shard_dir = Path(data["layout"].shard_dir)
+    assert not list(shard_dir.glob("bucket-*[0-9].parquet")) and _leftovers(shard_dir) == []
+
 # -- manifest and normalization statistics ----------------------------------------------------------------------
 def test_manifest_points_at_every_row(data):
     paths = build_shards(data, row_group_size=2)
@@ -311,6 +327,22 @@ def test_manifest_points_at_every_row(data):
         assert row.n_timepoints == len(data["series"][row.run_id])
     assert "timeseries" not in manifest.columns and "pfc" not in manifest.columns
     assert len(paths) == 2
+    meta = json.loads(pq.read_schema(data["layout"].manifest).metadata[shards.METADATA_KEY])
+    assert meta[shards.SHARD_CHECKSUMS_KEY] == {p.name: sha256_file(p) for p in paths}
+
+
+def test_a_shard_changed_after_its_manifest_is_refused(data):
+    paths = build_shards(data)
+    shards.write_shard(shards.read_bucket_runs(data["layout"].bucket_runs.format(bucket=0)), paths[0],
+                       labels=data["labels"], atlas="Toy", timeseries_pattern=data["layout"].timeseries,
+                       pfc_pattern=data["layout"].pfc, row_group_size=2, bucket=0)  # other row groups
+    with pytest.raises(InputError, match=r"bucket-0\.parquet: checksum mismatch.*manifest\.parquet") as err:
+        shards.verify_shards(paths)
+    assert err.value.source == str(paths[0])
+    extra = paths[0].with_name("bucket-7.parquet")
+    extra.write_bytes(paths[1].read_bytes())
+    with pytest.raises(InputError, match=r"bucket-7\.parquet: not listed in .*manifest\.parquet"):
+        shards.verify_shards([extra])
 
 
 def _train_reference(data):
@@ -342,9 +374,7 @@ def test_norm_stats_ignore_val_and_test_rows(data):
     runs, layout = data["runs"], data["layout"]
     assert {"val", "test"} & set(runs["split"])
     for rid, row in runs[runs["split"] != "train"].iterrows():  # wildly different held-out data
-        x = data["series"][rid] * 1000 + 5000
-        pq.write_table(pa.table({n: x[:, i] for i, n in enumerate(data["names"])}),
-                       layout.timeseries.format(subject=row["subject"], run_id=rid))
+        rewrite_series(data, rid, data["series"][rid] * 1000 + 5000)
     build_shards(data)
     after = pq.read_table(layout.norm_stats).to_pandas()
     pd.testing.assert_frame_equal(before, after)
@@ -355,9 +385,7 @@ def test_zero_iqr_becomes_one(tmp_path):
     for rid, x in data["series"].items():  # parcel 0 is mostly one constant: varies per run, zero IQR
         x[:, 0] = 3.0
         x[0, 0] = 4.0
-        row = data["runs"].loc[rid]
-        pq.write_table(pa.table({n: x[:, i] for i, n in enumerate(data["names"])}),
-                       data["layout"].timeseries.format(subject=row["subject"], run_id=rid))
+        rewrite_series(data, rid, x)
     build_shards(data)
     stats = pq.read_table(data["layout"].norm_stats).to_pandas()
     assert stats.loc[0, "iqr_raw"] == 0 and stats.loc[0, "iqr"] == 1.0 and stats.loc[0, "median"] == 3.0

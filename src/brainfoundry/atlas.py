@@ -41,10 +41,10 @@ import pandas as pd
 
 from brainfoundry.errors import ConfigError, InputError
 from brainfoundry.io import atomic_path, provenance, sha256_file, write_json_atomic
+from brainfoundry.runfiles import LABEL_COLUMNS, write_labels
 
 log = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ["index", "name", "x", "y", "z", "n_voxels", "network"]
 
 
 @dataclass(frozen=True)
@@ -508,8 +508,7 @@ def prepare_atlas(atlas_img: str | os.PathLike, *, out_labels: str | os.PathLike
         out_img.header.set_intent("label")
         with atomic_path(out_dseg) as tmp:
             nib.save(out_img, tmp)
-    with atomic_path(out_labels) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+    write_labels(out_labels, table)
     sidecar = {
         "Atlas": name,
         "Space": space,
@@ -527,21 +526,6 @@ def prepare_atlas(atlas_img: str | os.PathLike, *, out_labels: str | os.PathLike
     }
     write_json_atomic(out_json, sidecar)
     return PreparedAtlas(labels=table, lost=lost, empty=empty, resampled=target is not None)
-
-
-def read_prepared_labels(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a labels TSV written by :func:`prepare_atlas` (label order = row order)."""
-    try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    except (OSError, pd.errors.ParserError) as err:
-        raise InputError(path, f"cannot read atlas labels TSV: {err}") from err
-    missing = [c for c in ("index", "name") if c not in table.columns]
-    if missing:
-        raise InputError(path, f"atlas labels TSV lacks columns {missing}")
-    table["name"] = table["name"].astype(str)
-    if "network" in table.columns:
-        table["network"] = table["network"].fillna("").astype(str)
-    return table
 
 
 # -- command line -----------------------------------------------------------------------------------

@@ -45,8 +45,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from brainfoundry.errors import ConfigError, InputError
+from brainfoundry.io import PARQUET_READ_OPTIONS, parquet_error
 from brainfoundry.shards import (
-    check_compatible, decode_binary, find_shards, open_shard, read_norm_stats, shard_metadata)
+    check_compatible, decode_binary, find_shards, open_shard, read_norm_stats, shard_metadata, verify_shards)
 
 INDEX_COLUMNS = ("run_id", "subject", "split", "n_timepoints", "n_parcels", "age", "sex", "diagnosis", "site")
 CATEGORICAL = ("sex", "diagnosis", "site")
@@ -176,6 +177,7 @@ class ShardDataset(IterableDataset):
     # -- index -------------------------------------------------------------------------------------------
     def _build_index(self) -> None:
         """Small columns of every shard, read once: the plan needs no series bytes."""
+        verify_shards(self.paths)  # sha256 against the manifest, once per process and shard
         metas, cols = [], {c: [] for c in (*INDEX_COLUMNS, "shard", "row_group", "row")}
         self.row_group_sizes: list[list[int]] = []
         for s, path in enumerate(self.paths):
@@ -184,7 +186,10 @@ class ShardDataset(IterableDataset):
             if self.want_pfc and "pfc" not in handle.schema_arrow.names:
                 raise InputError(path, "shard has no pFC columns (written without --pfc-pattern)")
             present = [c for c in INDEX_COLUMNS if c in handle.schema_arrow.names]
-            table = handle.read(columns=present)
+            try:
+                table = handle.read(columns=present)
+            except Exception as err:  # a page checksum failure, or an undecodable page
+                raise parquet_error(path, "shard", err) from err
             sizes = [handle.metadata.row_group(i).num_rows for i in range(handle.num_row_groups)]
             self.row_group_sizes.append(sizes)
             for c in INDEX_COLUMNS:
@@ -333,7 +338,10 @@ class ShardDataset(IterableDataset):
         if shard not in files:
             files[shard] = open_shard(self.paths[shard], memory_map=True)[0]
         columns = ["timeseries", "zero_variance"] + (["pfc", "pfc_n_views"] if self.want_pfc else [])
-        table = files[shard].read_row_group(rg, columns=columns, use_threads=False)
+        try:
+            table = files[shard].read_row_group(rg, columns=columns, use_threads=False)
+        except Exception as err:  # pages are checksum-verified as they are read
+            raise parquet_error(self.paths[shard], f"shard (row group {rg})", err) from err
         self.stats["row_groups_read"] += 1
         offsets, data = decode_binary(table.column("timeseries"))
         # Every list holds N flags, so the flattened values reshape to [rows, N] in one call.
@@ -672,8 +680,8 @@ def make_dataloader(dataset: ShardDataset, batch_size: int = 32, num_workers: in
 def read_manifest(path: str | Path):
     """The manifest as a pandas DataFrame (schema version checked)."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, **PARQUET_READ_OPTIONS)
     except Exception as err:
-        raise InputError(path, f"cannot read the manifest ({err})") from err
+        raise parquet_error(path, "manifest", err) from err
     shard_metadata(path, table.schema)
     return table.to_pandas()

@@ -185,3 +185,75 @@ def provenance(inputs: Sequence[str | os.PathLike], config: Mapping[str, Any], *
         "CreatedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+# -- parquet with checksums -------------------------------------------------------------------------
+# Every parquet written here carries a CRC32 per page, and every read here verifies it: a flipped bit
+# becomes a named error instead of a changed value. The whole-file sha256 (recorded in a sidecar or
+# the manifest by whoever owns the file) also catches what page checksums do not cover (footer,
+# page headers, a truncated or swapped file).
+PARQUET_WRITE_OPTIONS = {"write_page_checksum": True}
+PARQUET_READ_OPTIONS = {"page_checksum_verification": True}
+
+
+def checksum_mismatch(path: str | os.PathLike, actual: str, expected: str, recorded_in: str | os.PathLike):
+    """The ``InputError`` for a file whose sha256 differs from the one recorded when it was written."""
+    from brainfoundry.errors import InputError
+
+    return InputError(path, f"checksum mismatch: sha256 {actual[:16]}... differs from {expected[:16]}... recorded in "
+                            f"{os.fspath(recorded_in)}; the file is corrupt or was changed after it was written "
+                            "(delete it and rerun the step that writes it)")
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, recorded_in: str | os.PathLike) -> None:
+    """Raise a named ``InputError`` unless ``path``'s sha256 is ``expected``."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise checksum_mismatch(path, actual, expected, recorded_in)
+
+
+def parquet_error(path: str | os.PathLike, what: str, err: BaseException):
+    """A pyarrow read failure as a one-line ``InputError`` (page checksum failures say so)."""
+    from brainfoundry.errors import InputError
+
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "checksum" in text.lower() or "crc" in text.lower():
+        return InputError(path, f"corrupt {what}: parquet page checksum mismatch ({text})")
+    return InputError(path, f"cannot read the {what} ({text})")
+
+
+def write_parquet_atomic(table: Any, path: str | os.PathLike, **options: Any) -> str:
+    """Write a pyarrow table atomically with page checksums; return the written file's sha256."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **PARQUET_WRITE_OPTIONS, **options)
+        digest = sha256_file(tmp)  # the bytes that will sit under the final name
+    return digest
+
+
+def read_parquet_verified(path: str | os.PathLike, what: str, *, sha256: str | None = None,
+                          recorded_in: str | os.PathLike | None = None, columns: Sequence[str] | None = None):
+    """Read a (small) parquet file whole, checking its sha256 when one is recorded and its page checksums.
+
+    The bytes are read once: the hash and the parse see the same bytes.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from brainfoundry.errors import InputError
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise InputError(path, f"{what} not found") from err
+    except OSError as err:
+        raise InputError(path, f"cannot read the {what} ({err})") from err
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise checksum_mismatch(path, actual, sha256, recorded_in or "its sidecar")
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns, **PARQUET_READ_OPTIONS)
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise parquet_error(path, what, err) from err

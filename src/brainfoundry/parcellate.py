@@ -37,12 +37,12 @@ from typing import Any, Callable, Mapping
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 
-from brainfoundry.atlas import Grid, read_prepared_labels, read_volume
+from brainfoundry.atlas import Grid, read_volume
 from brainfoundry.confounds import RunConfounds, load_run_confounds
 from brainfoundry.errors import InputError
-from brainfoundry.io import atomic_path, provenance, sha256_file, write_json_atomic
+from brainfoundry.io import provenance, sha256_file
+from brainfoundry.runfiles import read_labels, write_series
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ def load_atlas_for_grid(atlas_dseg: str | os.PathLike, atlas_labels: str | os.Pa
     except Exception as err:
         raise InputError(atlas_dseg, f"cannot read prepared atlas: {err}") from err
     labels = labels.astype(np.int32, copy=False) if labels.dtype.kind in "iu" else np.rint(labels).astype(np.int32)
-    table = read_prepared_labels(atlas_labels)
+    table = read_labels(atlas_labels)
     return labels, table, Grid.of(img)
 
 
@@ -582,14 +582,10 @@ def parcellate_run(bold: str | os.PathLike, atlas_dseg: str | os.PathLike, atlas
                               bold_sha256=digest)
 
 
-def _frame(values: np.ndarray, names: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(np.asarray(values, dtype=np.float32), columns=names)
-
-
 def write_outputs(result: ParcellationResult, *, out: str | os.PathLike, out_json: str | os.PathLike,
                   out_raw: str | os.PathLike | None, inputs: Mapping[str, str | os.PathLike | None],
                   config: Mapping[str, Any], atlas: str, space: str) -> None:
-    """Parquet + sidecar (and the raw means for QC), each written atomically."""
+    """Parquet + sidecar (and the raw means for QC) through ``runfiles.write_series``."""
     conf = result.confounds
     fd = conf.fd
     kept_fd = fd[conf.sample_mask]
@@ -625,12 +621,8 @@ def write_outputs(result: ParcellationResult, *, out: str | os.PathLike, out_jso
         "QC": qc,
         **prov,
     }
-    if out_raw:
-        with atomic_path(out_raw) as tmp:
-            _frame(result.raw, result.names).to_parquet(tmp, index=False)
-    with atomic_path(out) as tmp:
-        _frame(result.cleaned, result.names).to_parquet(tmp, index=False)
-    write_json_atomic(out_json, sidecar)
+    write_series(out, result.cleaned, result.names, sidecar, sidecar_path=out_json,
+                 raw=(out_raw, result.raw) if out_raw else None)
 
 
 def raw_timeseries_path(timeseries_path: str) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -300,26 +299,6 @@ def pfc_views_torch(x: "torch.Tensor", keep_mask: "torch.Tensor | None" = None, 
 
 
 # -- one run: compute, write, CLI -------------------------------------------------------------------
-def read_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """A per-run time-series parquet (T rows x N parcel columns) as float32 ``[T, N]`` and the names."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for unreadable files
-        raise InputError(path, f"cannot read the time-series parquet ({err})") from err
-    names = list(table.column_names)
-    if not names or table.num_rows == 0:
-        raise InputError(path, f"empty time series ({table.num_rows} rows x {len(names)} parcels)")
-    series = np.column_stack([table.column(i).to_numpy(zero_copy_only=False) for i in range(len(names))])
-    series = series.astype(np.float32, copy=False)
-    bad = ~np.isfinite(series)
-    if bad.any():
-        t, p = np.argwhere(bad)[0]
-        raise InputError(path, f"{int(bad.sum())} NaN/inf values, first at volume {t}, parcel {names[p]!r}")
-    return series, names
-
-
 def compute_run(series: np.ndarray, *, source: str | Path, subject: str, run_id: str, global_seed: int,
                 n_views: int = 32, keep_fraction: float = 0.8, fisher_z: bool = True,
                 min_kept: int = 10, method: str = "gram") -> dict[str, Any]:
@@ -339,32 +318,12 @@ def compute_run(series: np.ndarray, *, source: str | Path, subject: str, run_id:
             "zero_variance": zero_variance_parcels(series)}
 
 
-def pfc_table(result: dict[str, Any], keep_fraction: float, dtype: str, metadata: dict | None = None):
-    """The per-run pFC parquet table (file contract in docs/ARCHITECTURE.md)."""
-    import pyarrow as pa
-
-    views = result["views"].astype(np.dtype(dtype))
-    k, e = views.shape
-    values = pa.array(views.reshape(-1), type=pa.float16() if dtype == "float16" else pa.float32())
-    table = pa.table({
-        "view": pa.array(np.arange(k, dtype=np.int32)),
-        "seed": pa.array(result["seeds"].astype(np.int64)),
-        "keep_fraction": pa.array(np.full(k, keep_fraction, dtype=np.float32)),
-        "n_kept": pa.array(result["n_kept"].astype(np.int32)),
-        "pfc": pa.FixedSizeListArray.from_arrays(values, e),
-    })
-    if metadata:
-        table = table.replace_schema_metadata({"brainfoundry": json.dumps(metadata, sort_keys=True)})
-    return table
-
-
 def write_run(timeseries: str | Path, out: str | Path, sidecar: str | Path, *, subject: str, run_id: str,
               global_seed: int, n_views: int = 32, keep_fraction: float = 0.8, fisher_z: bool = True,
               dtype: str = "float16", min_kept: int = 10, method: str = "gram") -> dict[str, Any]:
-    """Read one run's series, write its pFC parquet and JSON sidecar (both atomically)."""
-    import pyarrow.parquet as pq
-
-    from brainfoundry.io import atomic_path, provenance, write_json_atomic
+    """Read one run's series, write its pFC parquet and JSON sidecar (``runfiles.write_relmat``)."""
+    from brainfoundry.io import provenance
+    from brainfoundry.runfiles import read_series, write_relmat
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
@@ -375,10 +334,6 @@ def write_run(timeseries: str | Path, out: str | Path, sidecar: str | Path, *, s
     n_p = series.shape[1]
     settings = {"seed": int(global_seed), "n_views": int(n_views), "keep_fraction": float(keep_fraction),
                 "fisher_z": bool(fisher_z), "dtype": dtype, "min_kept": int(min_kept), "method": method}
-    table = pfc_table(result, keep_fraction, dtype,
-                      metadata={"run_id": run_id, "subject": subject, "n_parcels": n_p, **settings})
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
     zero = [names[i] for i in np.flatnonzero(result["zero_variance"])]
     info = {
         "RunID": run_id,
@@ -402,8 +357,9 @@ def write_run(timeseries: str | Path, out: str | Path, sidecar: str | Path, *, s
                            "numpy PCG64(seed).random_raw(T); see brainfoundry.pfc.regenerate_view"),
         **provenance([timeseries], settings),
     }
-    write_json_atomic(sidecar, info)
-    return info
+    return write_relmat(out, views=result["views"], seeds=result["seeds"], n_kept=result["n_kept"],
+                        keep_fraction=keep_fraction, dtype=dtype, sidecar=info, sidecar_path=sidecar,
+                        metadata={"run_id": run_id, "subject": subject, "n_parcels": n_p, **settings})
 
 
 def _bool(text: str) -> bool:

@@ -10,7 +10,6 @@ Figures are PNG via matplotlib's Agg backend, written atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -141,32 +140,28 @@ def qc_figures(*, timeseries: str | os.PathLike, timeseries_json: str | os.PathL
                confounds: str | os.PathLike, out_fd: str | os.PathLike, out_carpet: str | os.PathLike,
                out_fc: str | os.PathLike, labels: str | os.PathLike | None = None, title: str | None = None) -> None:
     """Write the three QC figures of one run."""
-    try:
-        sidecar = json.loads(Path(timeseries_json).read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(timeseries_json, f"cannot read the time-series sidecar: {err}") from err
-    cleaned_df = pd.read_parquet(timeseries)
-    raw_df = pd.read_parquet(raw)
-    names = [str(c) for c in cleaned_df.columns]
-    n_vol = int(sidecar.get("InputVolumes", len(raw_df)))
-    if len(raw_df) != n_vol:
-        raise InputError(raw, f"has {len(raw_df)} rows, the sidecar says {n_vol} input volumes")
+    from brainfoundry.runfiles import read_labels, read_series, read_series_sidecar
+
+    sidecar = read_series_sidecar(timeseries_json)
+    cleaned, names = read_series(timeseries, sidecar=timeseries_json)
+    raw_values, _ = read_series(raw, names, sidecar=timeseries_json, finite=False)  # its sha256 is there too
+    n_vol = int(sidecar.get("InputVolumes", len(raw_values)))
+    if len(raw_values) != n_vol:
+        raise InputError(raw, f"has {len(raw_values)} rows, the sidecar says {n_vol} input volumes")
     kept = np.asarray(sidecar["KeptVolumes"], dtype=int)
     tr = float(sidecar.get("NativeRepetitionTime", sidecar["RepetitionTime"]))
     times = np.asarray(sidecar.get("SampleTimes", kept * tr), dtype=float)
     threshold = (sidecar.get("Config", {}).get("denoise", {}) or {}).get("fd_threshold")
     label_table = None
     if labels:
-        from brainfoundry.atlas import read_prepared_labels
-
-        label_table = read_prepared_labels(labels)
+        label_table = read_labels(labels)
     title = title or Path(timeseries).name.split("_space-")[0]
 
     fd = run_fd(confounds, n_vol)
     _save(fd_figure(fd, tr, threshold, sidecar.get("CensoredVolumes", []), sidecar.get("NonSteadyStateVolumes", []),
                     title), out_fd)
-    _save(carpet_figure(cleaned_df.to_numpy(), times, names, label_table, title), out_carpet)
-    _save(fc_figure(raw_df.to_numpy()[kept], cleaned_df.to_numpy(), names, label_table, title), out_fc)
+    _save(carpet_figure(cleaned, times, names, label_table, title), out_carpet)
+    _save(fc_figure(raw_values[kept], cleaned, names, label_table, title), out_fc)
 
 
 def cli_main(argv: list[str] | None = None) -> int:

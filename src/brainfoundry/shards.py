@@ -13,6 +13,11 @@ and the pFC views (DESIGN.md section 4). Layout choices, measured in ``benchmark
 - The file's key-value metadata ``brainfoundry`` holds JSON with ``schema_version``, ``config_hash``,
   ``atlas``, ``parcel_names``, ``parcel_coords``; readers refuse a schema version they do not know.
 
+Shards are written with parquet page checksums and read with their verification; the manifest records
+every shard's sha256 (``shard_sha256``), which :func:`verify_shards` checks once per process. The
+per-run files a shard is built from are read through :mod:`brainfoundry.runfiles`, which checks the
+sha256 their sidecars recorded.
+
 The manifest lists every row of every shard (bucket, row group, row index, run id, split, ...); the
 normalization statistics are per-parcel quantiles over the training split's time points, computed
 exactly with bounded memory by :func:`streaming_quantiles`.
@@ -32,8 +37,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from brainfoundry import runfiles
 from brainfoundry.errors import InputError
-from brainfoundry.io import atomic_path, config_hash
+from brainfoundry.io import (PARQUET_READ_OPTIONS, PARQUET_WRITE_OPTIONS, atomic_path, config_hash, parquet_error,
+                             sha256_file, verify_sha256)
 
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
@@ -68,6 +75,8 @@ SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 _SELECTION_KEYS = ("include_sites", "include_subjects", "include_files", "exclude_subjects", "exclude_sites",
                    "max_runs_per_site", "on_missing_file")
 _SHARD_NAME = re.compile(r"^bucket-(\d+)\.parquet$")
+# Manifest metadata key: shard file name -> sha256 of the shard when the manifest was written.
+SHARD_CHECKSUMS_KEY = "shard_sha256"
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ def write_bucket_runs(rows_json: str, path: str | Path, log: str | Path | None =
     meta[b"brainfoundry_kinds"] = json.dumps(frame.attrs["kinds"], sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **PARQUET_WRITE_OPTIONS)
     if log is not None:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         Path(log).write_text(f"{len(frame)} runs written to {path}\n")
@@ -172,9 +181,9 @@ def write_bucket_runs(rows_json: str, path: str | Path, log: str | Path | None =
 
 def read_bucket_runs(path: str | Path) -> pd.DataFrame:
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, **PARQUET_READ_OPTIONS)
     except Exception as err:
-        raise InputError(path, f"cannot read the bucket run table ({err})") from err
+        raise parquet_error(path, "bucket run table", err) from err
     frame = table.to_pandas()
     raw = (table.schema.metadata or {}).get(b"brainfoundry_kinds")
     frame.attrs["kinds"] = json.loads(raw) if raw else {}
@@ -183,94 +192,6 @@ def read_bucket_runs(path: str | Path) -> pd.DataFrame:
     if frame["run_id"].duplicated().any():
         raise InputError(path, f"duplicate run ids {frame.loc[frame['run_id'].duplicated(), 'run_id'].tolist()[:5]}")
     return frame
-
-
-# -- per-run inputs ---------------------------------------------------------------------------------------
-def read_labels(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Parcel names (label order) and MNI centroids ``[N, 3]`` (NaN where unknown) from the labels TSV."""
-    try:
-        labels = pd.read_csv(path, sep="\t")
-    except Exception as err:
-        raise InputError(path, f"cannot read the atlas labels TSV ({err})") from err
-    if "name" not in labels.columns:
-        raise InputError(path, "atlas labels TSV lacks the 'name' column")
-    names = [str(n) for n in labels["name"]]
-    if len(set(names)) != len(names):
-        raise InputError(path, "atlas labels TSV has duplicate parcel names")
-    coords = np.full((len(names), 3), np.nan)
-    for j, axis in enumerate("xyz"):
-        if axis in labels.columns:
-            coords[:, j] = pd.to_numeric(labels[axis], errors="coerce").to_numpy(float)
-    return names, coords
-
-
-def read_timeseries(path: str | Path, parcel_names: Sequence[str]) -> np.ndarray:
-    """One run's series as float32 ``[T, N]`` with columns in ``parcel_names`` order, validated."""
-    try:
-        table = pq.read_table(path)
-    except Exception as err:
-        raise InputError(path, f"cannot read the time-series parquet ({err})") from err
-    names = list(table.column_names)
-    if len(names) != len(parcel_names):
-        raise InputError(path, f"{len(names)} parcel columns, but the atlas labels have {len(parcel_names)}; "
-                               "every run of one atlas must have the same parcels")
-    if names != list(parcel_names):
-        if set(names) != set(parcel_names):
-            unknown = sorted(set(names) - set(parcel_names))[:5]
-            raise InputError(path, f"parcel columns {unknown} are not atlas labels")
-        table = table.select(list(parcel_names))  # same parcels, other order
-    if table.num_rows < 1:
-        raise InputError(path, "time series has no rows")
-    try:
-        series = np.column_stack([c.to_numpy() for c in table.columns]).astype(np.float32, copy=False)
-    except (pa.ArrowInvalid, TypeError, ValueError) as err:
-        raise InputError(path, f"parcel columns are not numeric ({err})") from err
-    bad = ~np.isfinite(series)
-    if bad.any():
-        t, p = np.argwhere(bad)[0]
-        raise InputError(path, f"{int(bad.sum())} NaN/inf values, first at volume {t}, parcel {parcel_names[p]!r}")
-    return np.ascontiguousarray(series)
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise InputError(path, "time-series JSON sidecar not found") from err
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"cannot read the JSON sidecar ({err})") from err
-
-
-def read_pfc(path: str | Path, n_parcels: int) -> dict[str, Any]:
-    """One run's pFC views ``[K, E]`` (stored dtype), seeds, kept counts and keep fraction, validated."""
-    try:
-        table = pq.read_table(path).sort_by("view")
-    except Exception as err:
-        raise InputError(path, f"cannot read the pFC parquet ({err})") from err
-    for col in ("view", "seed", "keep_fraction", "n_kept", "pfc"):
-        if col not in table.column_names:
-            raise InputError(path, f"pFC parquet lacks the {col!r} column")
-    if table.num_rows < 1:
-        raise InputError(path, "pFC parquet has no views")
-    column = table.column("pfc").combine_chunks()
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    n_edges = n_parcels * (n_parcels - 1) // 2
-    if values.size != table.num_rows * n_edges:
-        raise InputError(path, f"pFC views have {values.size // max(table.num_rows, 1)} values each, expected "
-                               f"{n_edges} (upper triangle of {n_parcels} parcels)")
-    if values.dtype not in (np.float16, np.float32):
-        values = values.astype(np.float32)
-    if not np.isfinite(values).all():
-        raise InputError(path, "pFC views contain NaN/inf values")
-    keep = np.unique(table.column("keep_fraction").to_numpy())
-    if keep.size != 1:
-        raise InputError(path, f"pFC views disagree on keep_fraction ({keep.tolist()})")
-    return {
-        "views": values.reshape(table.num_rows, n_edges),
-        "seed": table.column("seed").to_numpy().astype(np.int64),
-        "n_kept": table.column("n_kept").to_numpy().astype(np.int32),
-        "keep_fraction": float(keep[0]),
-    }
 
 
 # -- shard writing ------------------------------------------------------------------------------------------
@@ -368,7 +289,7 @@ class ShardWriter:
         strings = [f.name for f in self.schema if pa.types.is_string(f.type)]
         self._writer = pq.ParquetWriter(
             tmp, self.schema, compression=self.compression, compression_level=self.compression_level or None,
-            use_dictionary=strings, write_statistics=scalars, store_schema=True)
+            use_dictionary=strings, write_statistics=scalars, store_schema=True, **PARQUET_WRITE_OPTIONS)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -470,7 +391,9 @@ def write_shard(runs: pd.DataFrame, out: str | Path, *, labels: str | Path, atla
         Naming the offending file: unreadable inputs, parcel counts or names that differ from the atlas
         labels, NaN/inf values, pFC views of the wrong size. Nothing is left under ``out``.
     """
-    names, coords = read_labels(labels)
+    label_table = runfiles.read_labels(labels)
+    names = label_table["name"].tolist()
+    coords = label_table[["x", "y", "z"]].to_numpy(float)
     source = source or "run table"
     kinds = dict(runs.attrs.get("kinds", {}))
     known = set(META_COLUMNS) | set(DERIVED_COLUMNS) | set(PATH_COLUMNS)
@@ -489,8 +412,8 @@ def write_shard(runs: pd.DataFrame, out: str | Path, *, labels: str | Path, atla
     pfc_dtype = None
     if pfc_pattern is not None and len(runs):  # the stored dtype decides the column's encoding
         first = runs.iloc[order[0]]
-        pfc_dtype = str(read_pfc(pfc_pattern.format(subject=first["subject"], run_id=first["run_id"]),
-                                 len(names))["views"].dtype)
+        pfc_dtype = str(runfiles.read_relmat(pfc_pattern.format(subject=first["subject"], run_id=first["run_id"]),
+                                             len(names))["views"].dtype)
     with ShardWriter(out, parcel_names=names, parcel_coords=coords, phenotypes=pheno_types, pfc_dtype=pfc_dtype,
                      row_group_size=row_group_size, compression=compression,
                      compression_level=compression_level, timeseries_compression=timeseries_compression,
@@ -500,8 +423,9 @@ def write_shard(runs: pd.DataFrame, out: str | Path, *, labels: str | Path, atla
             ts_path = timeseries_pattern.format(subject=run["subject"], run_id=run["run_id"])
             sc_path = (sidecar_pattern.format(subject=run["subject"], run_id=run["run_id"]) if sidecar_pattern
                        else str(Path(ts_path).with_suffix(".json")))
-            series = read_timeseries(ts_path, names)
-            sidecar = read_sidecar(sc_path)
+            # Both readers check the sha256 the per-run sidecars recorded when the files were written.
+            sidecar = runfiles.read_series_sidecar(sc_path)
+            series, _ = runfiles.read_series(ts_path, names, sidecar=sc_path)
             qc = sidecar.get("QC") or {}
             row: dict[str, Any] = {c: _cell(run.get(c), "number" if t == pa.float64() else "string")
                                    for c, t in META_COLUMNS.items() if c not in ("bucket", "tr")}
@@ -519,7 +443,7 @@ def write_shard(runs: pd.DataFrame, out: str | Path, *, labels: str | Path, atla
             row["timeseries"] = series
             if pfc_dtype is not None:
                 pfc_path = pfc_pattern.format(subject=run["subject"], run_id=run["run_id"])
-                pfc = read_pfc(pfc_path, len(names))
+                pfc = runfiles.read_relmat(pfc_path, len(names))
                 if str(pfc["views"].dtype) != pfc_dtype:
                     raise InputError(pfc_path, f"pFC dtype {pfc['views'].dtype} differs from the bucket's {pfc_dtype}")
                 row.update(pfc=pfc["views"], pfc_seed=pfc["seed"], pfc_n_kept=pfc["n_kept"],
@@ -558,7 +482,7 @@ def open_shard(path: str | Path, memory_map: bool = False) -> tuple[pq.ParquetFi
     the decode time of uncompressed series in ``benchmarks/bench_reader.py``).
     """
     try:
-        handle = pq.ParquetFile(path, memory_map=memory_map)
+        handle = pq.ParquetFile(path, memory_map=memory_map, **PARQUET_READ_OPTIONS)
     except Exception as err:
         raise InputError(path, f"cannot open the shard ({err})") from err
     return handle, shard_metadata(path, handle.schema_arrow)
@@ -568,6 +492,52 @@ def find_shards(directory: str | Path) -> list[Path]:
     """``bucket-<k>.parquet`` files of a shard directory, by bucket number."""
     found = [p for p in Path(directory).iterdir() if _SHARD_NAME.match(p.name)]
     return sorted(found, key=lambda p: int(_SHARD_NAME.match(p.name).group(1)))
+
+
+# (path, size, mtime, expected sha256) of the shards already verified in this process.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def verify_shards(paths: Sequence[str | Path], manifest: str | Path | None = None) -> int:
+    """Check each shard's sha256 against the manifest beside it; returns the number of files hashed.
+
+    A shard is hashed once per process (and again only if its size or mtime changed), so datasets
+    built again over the same shards (train and validation, every evaluation task) cost nothing more.
+    Shards without a manifest beside them, or a manifest written before checksums were recorded, are
+    not hashed (their page checksums are still verified on every read).
+
+    Raises
+    ------
+    InputError
+        A shard whose bytes differ from the manifest's record ("checksum mismatch"), or one the
+        manifest does not list.
+    """
+    hashed = 0
+    by_dir: dict[Path, list[Path]] = {}
+    for path in paths:
+        by_dir.setdefault(Path(path).parent, []).append(Path(path))
+    for directory, files in by_dir.items():
+        where = Path(manifest) if manifest is not None else directory / "manifest.parquet"
+        if not where.exists():
+            continue
+        recorded = shard_metadata(where).get(SHARD_CHECKSUMS_KEY)
+        if not recorded:
+            continue
+        for path in files:
+            expected = recorded.get(path.name)
+            if expected is None:
+                raise InputError(path, f"not listed in {where} (written after it?): rerun the manifest step")
+            try:
+                stat = path.stat()
+            except OSError as err:
+                raise InputError(path, f"cannot read the shard ({err})") from err
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(expected))
+            if key in _VERIFIED:
+                continue
+            verify_sha256(path, str(expected), where)
+            hashed += 1
+            _VERIFIED.add(key)
+    return hashed
 
 
 def check_compatible(metas: Sequence[tuple[str | Path, Mapping[str, Any]]]) -> None:
@@ -599,11 +569,14 @@ def iter_series(path: str | Path, splits: Iterable[str] | None = None,
     wanted = None if splits is None else set(splits)
     cols = ["split", "n_timepoints", "timeseries", *[c for c in columns if c not in ("split", "n_timepoints", "timeseries")]]
     for rg in range(handle.num_row_groups):
-        if wanted is not None:
-            split_col = handle.read_row_group(rg, columns=["split"]).column(0).to_pylist()
-            if not wanted.intersection(split_col):
-                continue
-        table = handle.read_row_group(rg, columns=cols, use_threads=False)
+        try:
+            if wanted is not None:
+                split_col = handle.read_row_group(rg, columns=["split"]).column(0).to_pylist()
+                if not wanted.intersection(split_col):
+                    continue
+            table = handle.read_row_group(rg, columns=cols, use_threads=False)
+        except Exception as err:  # a page checksum failure, or an undecodable page
+            raise parquet_error(path, f"shard (row group {rg})", err) from err
         offsets, data = decode_binary(table.column("timeseries"))
         fields = table.drop_columns(["timeseries"]).to_pylist()
         for i, row in enumerate(fields):
@@ -829,7 +802,10 @@ def manifest_table(shards: Sequence[str | Path]) -> tuple[pa.Table, list[dict[st
         metas.append((path, meta))
         scalar_cols = [f.name for f in handle.schema_arrow if f.name not in ARRAY_COLUMNS]
         for rg in range(handle.num_row_groups):
-            table = handle.read_row_group(rg, columns=scalar_cols)
+            try:
+                table = handle.read_row_group(rg, columns=scalar_cols)
+            except Exception as err:
+                raise parquet_error(path, f"shard (row group {rg})", err) from err
             n = table.num_rows
             table = table.append_column("shard", pa.array([Path(path).name] * n, pa.string()))
             table = table.append_column("row_group", pa.array(np.full(n, rg, np.int32)))
@@ -850,7 +826,9 @@ def write_manifest(shards: Sequence[str | Path], manifest: str | Path, norm_stat
     table, metas = manifest_table(shards)
     meta = {"schema_version": SCHEMA_VERSION, "atlas": metas[0].get("atlas"), "n_shards": len(metas),
             "shards": [Path(p).name for p in shards], "config_hashes": sorted({str(m.get("config_hash")) for m in metas}),
-            "n_rows": table.num_rows}
+            "n_rows": table.num_rows,
+            # Checked by every reader of the shards (verify_shards), once per process.
+            SHARD_CHECKSUMS_KEY: {Path(p).name: sha256_file(p) for p in shards}}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
     stats, n_runs = norm_stats(shards, splits)
     stats_table = pa.Table.from_pandas(stats, preserve_index=False)
@@ -861,17 +839,17 @@ def write_manifest(shards: Sequence[str | Path], manifest: str | Path, norm_stat
                   "parcel_names": metas[0].get("parcel_names")}
     stats_table = stats_table.replace_schema_metadata({METADATA_KEY: json.dumps(stats_meta, sort_keys=True).encode()})
     with atomic_path(manifest) as tmp_m, atomic_path(norm_stats_path) as tmp_s:
-        pq.write_table(table, tmp_m)
-        pq.write_table(stats_table, tmp_s)
+        pq.write_table(table, tmp_m, **PARQUET_WRITE_OPTIONS)
+        pq.write_table(stats_table, tmp_s, **PARQUET_WRITE_OPTIONS)
     return {"n_rows": table.num_rows, "n_train_runs": n_runs}
 
 
 def read_norm_stats(path: str | Path, parcel_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(median, iqr)`` float32 ``[N]`` from ``norm_stats.parquet``, checked against the parcels."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, **PARQUET_READ_OPTIONS)
     except Exception as err:
-        raise InputError(path, f"cannot read normalization statistics ({err})") from err
+        raise parquet_error(path, "normalization statistics", err) from err
     shard_metadata(path, table.schema)
     for col in ("parcel", "median", "iqr"):
         if col not in table.column_names:

@@ -327,13 +327,6 @@ def _is_numeric_row(line: str, delim: str) -> bool:
     return True
 
 
-def read_labels(path: str | Path) -> pd.DataFrame:
-    """The atlas labels TSV written by ``atlas_prepare`` (``index``, ``name``, ``x``, ``y``, ``z``, ...)."""
-    from brainfoundry.atlas import read_prepared_labels
-
-    return read_prepared_labels(path)
-
-
 # -- one run ---------------------------------------------------------------------------------------------
 def series_qc(data: np.ndarray, names: list[str], compute_tsnr: bool) -> dict[str, Any]:
     """QC block of the sidecar for an imported series (no motion/censoring information available)."""
@@ -367,10 +360,8 @@ def import_run(source: str | Path, labels_tsv: str | Path, out: str | Path, side
         atlas labels (every run of one atlas must have its parcels), or ``.1D`` header label numbers
         that are not the atlas label values in order.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from brainfoundry.io import atomic_path, provenance, write_json_atomic
+    from brainfoundry.io import provenance
+    from brainfoundry.runfiles import read_labels, write_series
 
     source = Path(source)
     labels = read_labels(labels_tsv)
@@ -392,9 +383,6 @@ def import_run(source: str | Path, labels_tsv: str | Path, out: str | Path, side
     if not np.isfinite(values).all():
         raise InputError(source, "values overflow float32")
 
-    table = pa.table({name: values[:, i] for i, name in enumerate(names)})
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
     qc = series_qc(data, names, compute_tsnr)
     qc["mean_fd"] = None if mean_fd is None or not math.isfinite(mean_fd) else float(mean_fd)
     info = {
@@ -414,8 +402,7 @@ def import_run(source: str | Path, labels_tsv: str | Path, out: str | Path, side
         **provenance([source, labels_tsv], {"format": fmt, "tr": float(tr), "atlas": atlas, "space": space,
                                             "compute_tsnr": bool(compute_tsnr)}),
     }
-    write_json_atomic(sidecar, info)
-    return info
+    return write_series(out, values, names, info, sidecar_path=sidecar)
 
 
 def import_options(row: Mapping[str, Any], config: Mapping[str, Any]) -> str:

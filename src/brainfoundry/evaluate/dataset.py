@@ -113,7 +113,8 @@ def load_shards(shard_dir: str | Path, labels_tsv: str | Path | None = None,
     schema versions); the normalization statistics come from ``norm_stats.parquet`` (training split
     only), else they are fitted here on the training split.
     """
-    from brainfoundry.shards import ARRAY_COLUMNS, check_compatible, find_shards, iter_series, open_shard
+    from brainfoundry.shards import (ARRAY_COLUMNS, check_compatible, find_shards, iter_series, open_shard,
+                                     verify_shards)
     from brainfoundry.shards import read_norm_stats as shard_norm_stats
 
     shard_dir = Path(shard_dir)
@@ -122,6 +123,7 @@ def load_shards(shard_dir: str | Path, labels_tsv: str | Path | None = None,
     paths = find_shards(shard_dir)
     if not paths:
         raise InputError(shard_dir, "no bucket-<k>.parquet shards")
+    verify_shards(paths)  # sha256 against the manifest, once per process and shard
     metas = []
     rows, series = [], []
     for path in paths:
@@ -158,8 +160,10 @@ def network_labels_from_tsv(path: str | Path, parcel_names: Sequence[str]) -> np
     path = Path(path)
     if not path.exists():
         return None
-    labels = pd.read_csv(path, sep="\t", dtype={"name": str})
-    if "network" not in labels.columns or labels["network"].isna().all():
+    from brainfoundry.runfiles import read_labels
+
+    labels = read_labels(path)
+    if (labels["network"] == "").all():
         return None
     by_name = labels.set_index("name")["network"] if "name" in labels.columns else None
     if by_name is not None and set(parcel_names) <= set(by_name.index):

@@ -146,8 +146,10 @@ def network_labels(evalset: EvalSet, settings: EvalSettings, atlas_image: str | 
     votes = networks.majority_vote_networks(atlas_image, settings.network_atlas, settings.network_atlas_labels)
     names = list(evalset.parcel_names)
     if labels_tsv is not None and Path(labels_tsv).exists():
-        table = pd.read_csv(labels_tsv, sep="\t", dtype={"name": str})
-        if {"index", "name"} <= set(table.columns) and set(names) <= set(table["name"]):
+        from brainfoundry.runfiles import read_labels
+
+        table = read_labels(labels_tsv)
+        if set(names) <= set(table["name"]):
             value_of = table.set_index("name")["index"].astype(int)
             by_value = votes.set_index("index")["network"]
             return by_value.reindex(value_of.reindex(names).to_numpy()).fillna("").to_numpy()
