@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("brainfoundry.train:cli_main", "pretrain a model family on the shards"),
     "evaluate": ("brainfoundry.evaluate:cli_main", "evaluate a model on one downstream task"),
     "qc-figures": ("brainfoundry.qc:cli_main", "per-run QC figures for the report"),
+    "status": ("brainfoundry.status:cli_main", "per subject and step: done / failed / pending / out of date (nothing runs)"),
     "walltime": ("brainfoundry.walltime:cli_main", "wall time, CPU time and memory by workflow step (benchmark TSVs)"),
 }
 
