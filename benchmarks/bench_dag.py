@@ -129,7 +129,7 @@ def slurm_jobs(counts: dict[str, int]) -> dict[str, int]:
     profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
     groups = profile.get("groups", {})
     components = profile.get("group-components", {})
-    local = {"all", "bids_index", "bucket_runs"}  # localrules of the workflow (bookkeeping only)
+    local = {"all", "bids_index", "bucket_runs", "dataset_description"}  # localrules of the workflow (bookkeeping only)
     out: dict[str, int] = {}
     per_group: dict[str, int] = {}
     for rule, n in counts.items():

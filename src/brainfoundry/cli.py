@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-model": ("brainfoundry.models.export:cli_main", "write a model as a publishable folder (Hugging Face Hub layout)"),
     "convert-model": ("brainfoundry.models.files:cli_main", "rewrite a trusted torch.save model file as safetensors + JSON"),
     "qc-figures": ("brainfoundry.qc:cli_main", "per-run QC figures for the report"),
+    "status": ("brainfoundry.status:cli_main", "per subject and step: done / failed / pending / out of date (nothing runs)"),
     "walltime": ("brainfoundry.walltime:cli_main", "wall time, CPU time and memory by workflow step (benchmark TSVs)"),
 }
 

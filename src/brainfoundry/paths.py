@@ -46,6 +46,11 @@ class Layout:
 
     # -- once --------------------------------------------------------------------------------------
     @property
+    def dataset_description(self) -> str:
+        """The BIDS-Derivatives root's description (brainfoundry.derivatives)."""
+        return f"{self.results}/dataset_description.json"
+
+    @property
     def run_table(self) -> str:
         return f"{self.results}/bids_index/runs.parquet"
 

@@ -2,12 +2,15 @@
 # their inputs up in the in-memory RUNS (common.smk), never in this file, so re-indexing does not make
 # every job out of date. The job writes the very table this job graph was built from (no second
 # indexing that could disagree with it) and re-runs when that table's content changes (params).
+from brainfoundry import __version__
 from brainfoundry.bids import table_hash
+from brainfoundry.derivatives import dataset_description, source_description, write_dataset_description
 from brainfoundry.runtable import write_run_table
 
 
 localrules:
     bids_index,
+    dataset_description,
 
 
 rule bids_index:
@@ -19,3 +22,16 @@ rule bids_index:
         f"{RESULTS}/logs/bids_index.log",
     run:
         write_run_table(RUNS, output[0], log=log[0])
+
+
+# results/ as a BIDS-Derivatives dataset (pybids reads it with BIDSLayout(raw, derivatives=results)).
+# Re-written when its content would change (params): brainfoundry's version, the images, the source.
+rule dataset_description:
+    input:
+        source_description(config),
+    output:
+        LAYOUT.dataset_description,
+    params:
+        description=json.dumps(dataset_description(config, __version__, BF_IMAGE), sort_keys=True),
+    run:
+        write_dataset_description(output[0], config, __version__, BF_IMAGE)

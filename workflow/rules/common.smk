@@ -44,7 +44,7 @@ def buckets():
 
 
 def all_targets():
-    targets = [LAYOUT.run_table]
+    targets = [LAYOUT.run_table, LAYOUT.dataset_description]
     targets += per_run(LAYOUT.timeseries)
     targets += per_run(LAYOUT.pfc)
     targets += [LAYOUT.manifest, LAYOUT.norm_stats]
