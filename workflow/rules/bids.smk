@@ -33,5 +33,7 @@ rule dataset_description:
         LAYOUT.dataset_description,
     params:
         description=json.dumps(dataset_description(config, __version__, BF_IMAGE), sort_keys=True),
+    log:
+        f"{RESULTS}/logs/dataset_description.log",
     run:
         write_dataset_description(output[0], config, __version__, BF_IMAGE)
