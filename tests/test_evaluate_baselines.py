@@ -99,3 +99,65 @@ def test_persistence_holds_the_last_value(horizon):
     out = persistence(ctx, horizon)
     assert out.shape == (2, horizon, 3)
     assert (out == ctx[:, -1:, :]).all()
+
+
+# -- ridge reconstruction from the visible parcels (issue 10) ---------------------------------------
+def test_ridge_reconstructor_equals_sklearn_ridge_for_each_mask_pattern():
+    from sklearn.linear_model import Ridge
+
+    from brainfoundry.evaluate.baselines import RidgeReconstructor
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(4, 12))
+    train = rng.normal(size=(300, 4)) @ mix + 0.3 * rng.normal(size=(300, 12)) + 2.0
+    test = rng.normal(size=(20, 4)) @ mix + 0.3 * rng.normal(size=(20, 12)) + 2.0
+    mask = np.zeros((20, 12), bool)
+    mask[:10, [1, 4, 7]] = True  # two patterns in one window
+    mask[10:, [0, 2, 3, 11]] = True
+    model = RidgeReconstructor(alpha=0.05).fit(train)
+    pred = model.predict(test, mask)
+    for rows in (slice(0, 10), slice(10, 20)):
+        hidden = mask[rows][0]
+        ref = Ridge(alpha=0.05 * len(train)).fit(train[:, ~hidden], train[:, hidden])
+        np.testing.assert_allclose(pred[rows][:, hidden], ref.predict(test[rows][:, ~hidden]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(pred[~mask], test[~mask].astype(np.float32))  # visible points kept
+
+
+def test_ridge_reconstruction_uses_other_parcels_where_interpolation_cannot():
+    """White-noise time courses shared across parcels: no temporal structure, all spatial."""
+    from brainfoundry.evaluate.baselines import RidgeReconstructor, interpolate_masked, select_alpha
+
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(3, 20))
+    make = lambda n: (rng.normal(size=(n, 3)) @ mix + 0.2 * rng.normal(size=(n, 20))).astype(np.float32)  # noqa: E731
+    train, val, test = make(2000), make(200), make(200)
+    mask = np.zeros_like(test, bool)
+    mask[:, rng.permutation(20)[:10]] = True
+    alpha, errors = select_alpha(train, [val], [mask])
+    assert alpha in errors and errors[alpha] == min(errors.values())
+    ridge = RidgeReconstructor(alpha).fit(train).predict(test, mask)
+    interp = interpolate_masked(test, mask)
+
+    def r2(p):
+        return 1 - np.sum((p[mask] - test[mask]) ** 2) / np.sum((test[mask] - test[mask].mean()) ** 2)
+
+    assert r2(ridge) > 0.8 and r2(interp) < 0.1
+
+
+def test_gram_rotation_residual_keeps_rbf_svm_predictions_exact():
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from brainfoundry.evaluate.protocol import GramRotation
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(60, 400))
+    y = (X[:, :5].sum(1) > 0).astype(int)
+    Xtr, Xte, ytr = X[:40], X[40:], y[:40]
+    scaler = StandardScaler().fit(Xtr)
+    raw = SVC(kernel="rbf", gamma=1e-3, C=1.0).fit(scaler.transform(Xtr), ytr)
+    rot = GramRotation(residual=True).fit(scaler.transform(Xtr))
+    small = SVC(kernel="rbf", gamma=1e-3, C=1.0).fit(rot.transform(scaler.transform(Xtr)), ytr)
+    np.testing.assert_allclose(small.decision_function(rot.transform(scaler.transform(Xte))),
+                               raw.decision_function(scaler.transform(Xte)), rtol=1e-6, atol=1e-8)
+    assert rot.transform(scaler.transform(Xtr)).shape[1] <= 41

@@ -175,3 +175,47 @@ def test_aggregate_clips_intervals_to_the_metric_range():
                          "value": [1.0, 0.5, 1.0], "n": 4})
     row = aggregate(rows, ["method", "metric"]).iloc[0]
     assert row["ci_high"] == 1.0 and 0 <= row["ci_low"] < row["value"]
+
+
+# -- target normalisations (BrainLM's clinical-variable protocol) -----------------------------------
+@pytest.mark.parametrize("kind", ["zscore", "minmax", "log_minmax", "none"])
+def test_target_scaler_round_trips_and_is_fitted_on_training_values(kind):
+    from brainfoundry.evaluate.protocol import TargetScaler
+
+    train = np.array([1.0, 4.0, 9.0, 30.0])
+    scaler = TargetScaler(kind).fit(train)
+    z = scaler.transform(train)
+    np.testing.assert_allclose(scaler.inverse(z), train)
+    if kind == "zscore":
+        assert z.mean() == pytest.approx(0) and z.std() == pytest.approx(1)
+    if kind in ("minmax", "log_minmax"):
+        assert z.min() == pytest.approx(0) and z.max() == pytest.approx(1)
+    if kind == "log_minmax":
+        np.testing.assert_allclose(z, (np.log1p(train) - np.log1p(1)) / (np.log1p(30) - np.log1p(1)))
+    # test values outside the training range stay outside it (nothing is refitted on them)
+    assert scaler.transform(np.array([60.0]))[0] > z.max()
+
+
+def test_log_minmax_refuses_values_it_cannot_log():
+    from brainfoundry.evaluate.protocol import TargetScaler
+
+    with pytest.raises(TaskSkipped, match="log_minmax"):
+        TargetScaler("log_minmax").fit(np.array([-2.0, 1.0]))
+
+
+def test_normalised_ridge_target_adds_mse_and_keeps_raw_unit_metrics():
+    """Ridge is equivariant to an affine change of the target: z-scoring leaves MAE and r as they were."""
+    from brainfoundry.evaluate.protocol import FoldSpec, cross_validate_probe, make_folds
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 8))
+    y = 30 + 10 * X[:, 0] + rng.normal(size=40)
+    subjects = pd.DataFrame({"site": np.repeat(list("abcd"), 10)}, index=[f"s{i}" for i in range(40)])
+    folds = make_folds(subjects, FoldSpec(n_folds=4, seeds=(0,), stratify_by=None))
+    raw, _ = cross_validate_probe(X, y, list(subjects.index), folds, "ridge", False, n_inner=2)
+    z, _ = cross_validate_probe(X, y, list(subjects.index), folds, "ridge", False, n_inner=2, normalization="zscore")
+    assert "mse" not in set(raw["metric"]) and "mse" in set(z["metric"])
+    for metric in ("mae", "r"):
+        np.testing.assert_allclose(z[z["metric"] == metric]["value"], raw[raw["metric"] == metric]["value"], rtol=1e-6)
+    pooled_mse = z[(z["metric"] == "mse") & (z["fold"] == "pooled")]["value"].iloc[0]
+    assert 0 < pooled_mse < 0.1  # the target is nearly linear in X: a small error on the z scale

@@ -81,7 +81,7 @@ def test_reconstruction_model_equals_interpolation_baseline(evs, settings):
     np.testing.assert_allclose(m.to_numpy(), b.reindex(m.index).to_numpy(), rtol=0, atol=1e-12)
     # smooth synthetic series: interpolation is informative (R² > 0) and degrades with more masking
     assert b["mask=0.2"] > b["mask=0.75"] > 0
-    assert set(_agg(base)["method"]) == {"linear_interpolation", "parcel_mean"}
+    assert set(_agg(base)["method"]) == {"linear_interpolation", "parcel_mean", "ridge_visible"}
     assert (_agg(base)["ci_low"] <= _agg(base)["value"]).all()
 
 
@@ -240,3 +240,58 @@ def test_verdict_compares_on_subjects_outside_pretraining_when_scored_there():
     # Without a held-out scope the all-subject rows are compared.
     ver = verdict(pd.concat([model[model["split"] == "cv"], base], ignore_index=True)).iloc[0]
     assert (ver["split"], ver["model_value"], ver["baseline_value"], ver["verdict"]) == ("cv", 0.90, 0.70, "better")
+
+
+# -- issue 10: FC + SVM, FC + embedding, clinical-variable normalisation, external sites --------------
+def test_fc_svm_baselines_and_fc_plus_embedding_on_the_same_folds(evs, settings, folds):
+    emb = embed_runs(FCModel(), evs, max_windows=2, parcel_runs=0)
+    base, _ = run_task("phenotype", "baseline", evs, settings, folds)
+    model, info = run_task("phenotype", "fcmodel", evs, settings, folds, adapter=FCModel(), embeddings=emb)
+    assert info["status"] == "ok", info
+    assert {"fc_linear", "fc_svm_linear", "fc_svm_rbf"} <= set(base["method"])
+    assert {"fc_alone", "fc_plus_embedding", "logistic_probe"} <= set(model["method"])
+    per_fold = lambda t, meth: t[(t["method"] == meth) & (t["fold"] != "all") & (t["split"] == "cv")].set_index(
+        ["target", "fold", "seed", "metric"])["value"].sort_index()
+    # FC alone in the model's table is the baseline's FC logistic on the same subjects and folds
+    np.testing.assert_allclose(per_fold(model, "fc_alone").to_numpy(), per_fold(base, "fc_linear").to_numpy(), atol=1e-6)
+    assert model.loc[model["method"] == "fc_alone", "is_baseline"].all()
+    assert not model.loc[model["method"] == "fc_plus_embedding", "is_baseline"].any()
+    auc = _agg(base[base["split"] == "cv"]).set_index(["method", "target", "metric"])["value"]
+    for method in ("fc_svm_linear", "fc_svm_rbf"):
+        assert auc[(method, "diagnosis", "auc")] > 0.7  # the synthetic effect is in FC: every FC model finds it
+        # age through SVR on the z-scored target (evaluate.target_normalization default): mse beside mae
+        assert (method, "age", "mse") in auc.index and (method, "age", "mae") in auc.index
+
+
+def _external_settings(**over):
+    values = {"models": ["fcmodel"], "seeds": [0], "probes": ["logistic"], "fc_probes": ["logistic"], "n_permutations": 0,
+              "targets": ["diagnosis", "sex", "age"], "fc_concat": False, "external_sites": ["site0"],
+              "cv": {"n_folds": 3, "seeds": [0], "n_inner": 2}}
+    return EvalSettings.from_dict({**values, **over})
+
+
+def test_external_sites_are_their_own_split_with_bootstrap_intervals(evs, folds):
+    table, info = run_task("phenotype", "baseline", evs, _external_settings(), folds)
+    assert info["status"] == "ok", info
+    ext = table[(table["split"] == "external") & (table["method"] == "fc_linear")].set_index(["target", "metric"])
+    n_ext = evs.runs.loc[evs.runs["site"] == "site0", "subject"].nunique()
+    assert (ext["n"] == n_ext).all()
+    assert {("diagnosis", "auc"), ("age", "mae"), ("age", "mse")} <= set(ext.index)
+    assert ext.loc[("diagnosis", "auc"), "value"] > 0.7  # the synthetic effect transfers to an unseen site
+    row = ext.loc[("age", "mae")]
+    assert row["ci_low"] <= row["value"] <= row["ci_high"] and row["ci_low"] < row["ci_high"]
+    assert {"cv", "cv_heldout", "external"} <= set(table["split"])  # beside the site-grouped CV
+
+
+def test_external_bad_input_is_a_named_reason_and_other_tasks_run(evs, folds):
+    table, info = run_task("phenotype", "baseline", evs, _external_settings(external_sites=["nowhere"]), folds)
+    assert info["status"] == "ok" and "external" not in set(table["split"]) and "cv" in set(table["split"])
+    assert any("evaluate.external_sites ['nowhere']: none of them is a site" in n for n in info["notes"])
+
+    one = evs.subset(np.ones(len(evs.series), bool))
+    one.runs = one.runs.copy()
+    one.runs.loc[one.runs["site"] == "site0", "diagnosis"] = one.runs["diagnosis"].iloc[0]
+    table, info = run_task("phenotype", "baseline", one, _external_settings(), folds)
+    assert any("diagnosis/external: the external sites have one class only" in n for n in info["notes"])
+    ext = table[table["split"] == "external"]
+    assert "diagnosis" not in set(ext["target"]) and {"sex", "age"} <= set(ext["target"])  # the others still run

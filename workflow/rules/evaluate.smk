@@ -12,7 +12,8 @@ from brainfoundry.evaluate import workflow as evalwf
 EVAL = evalwf.eval_settings(config, globals().get("PRETRAIN_FAMILIES"))
 EVAL_DIR = f"{RESULTS}/evaluation"
 EVAL_OPTIONS = evalwf.options_json(EVAL)
-EVAL_MODELS = EVAL["models"]
+# The models and their random-init controls (<model>_random_init, evaluate.controls).
+EVAL_MODELS = evalwf.evaluated_models(EVAL)
 EVALUATION_TARGETS = evalwf.evaluation_targets(EVAL_DIR, EVAL)
 # The LCM's trainer settings (as the pretrain rule passes them, evaluate.pseudo_label_trainer on top),
 # reused for its pseudo-label fine-tuning.

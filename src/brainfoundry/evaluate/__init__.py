@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
 
     sp = common(sub.add_parser("embed", help="cache a model's embeddings of every evaluation run"))
-    sp.add_argument("--model", required=True, help="model family (brainlm, brainmass, lcm)")
+    sp.add_argument("--model", required=True, help="model family (brainlm, brainmass, lcm; <family>_random_init: "
+                    "its random-init control)")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--out", required=True)
 
@@ -131,13 +132,12 @@ def _run(args) -> int:
     if args.step == "folds":
         return _folds(args)
     if args.step == "embed":
-        from brainfoundry.evaluate.adapters import embed_runs, save_embeddings
-        from brainfoundry.evaluate.families import load_adapter
+        from brainfoundry.evaluate.adapters import embed_runs, load_model, save_embeddings  # noqa: I001
 
         settings = _settings(args)
         evs = _evalset(args, settings)
         t0 = time.perf_counter()
-        adapter = load_adapter(args.model, args.checkpoint, evs)
+        adapter = load_model(args.model, args.checkpoint, evs)
         emb = embed_runs(adapter, evs, max_windows=settings.max_windows_per_run, parcel_runs=settings.network_runs)
         save_embeddings(emb, args.out)
         print(f"{args.model}: embedded {len(emb.run_ids)} runs (D={emb.pooled.shape[1]}) in "
@@ -150,12 +150,12 @@ def _run(args) -> int:
     if args.step == "merge":
         return _merge(args)
     if args.step == "examples":
+        from brainfoundry.evaluate.adapters import load_model
         from brainfoundry.evaluate.examples import write_examples
-        from brainfoundry.evaluate.families import load_adapter
 
         settings = _settings(args)
         evs = _evalset(args, settings)
-        adapter = load_adapter(args.model, args.checkpoint, evs)
+        adapter = load_model(args.model, args.checkpoint, evs)
         write_examples(adapter, evs, settings, args.out_reconstruction, args.out_forecast)
         return 0
     if args.step == "abide-fc":
@@ -208,13 +208,12 @@ def _task(args) -> int:
             folds_note = json.loads(side.read_text()).get("reason")
     adapter = emb = None
     if args.model != BASELINE:
-        from brainfoundry.evaluate.adapters import load_embeddings
-        from brainfoundry.evaluate.families import load_adapter
+        from brainfoundry.evaluate.adapters import load_embeddings, load_model
 
         if args.embeddings:
             emb = load_embeddings(args.embeddings)
         if args.checkpoint:
-            adapter = load_adapter(args.model, args.checkpoint, evs)
+            adapter = load_model(args.model, args.checkpoint, evs)
         elif args.task in ("reconstruction", "forecasting", "finetune"):
             raise ConfigError("evaluate", f"task {args.task} of model {args.model} needs --checkpoint")
     finetuned = []

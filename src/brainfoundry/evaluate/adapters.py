@@ -26,6 +26,7 @@ import pandas as pd
 
 from brainfoundry.errors import InputError
 from brainfoundry.evaluate.protocol import TaskSkipped
+from brainfoundry.evaluate.settings import CONTROL_SUFFIX
 
 CAPABILITIES = ("embed", "parcel_embed", "reconstruct", "forecast", "finetune", "pseudo_label")
 
@@ -209,3 +210,47 @@ def subject_means(values: np.ndarray, subjects: Sequence[str]) -> tuple[np.ndarr
     df["_s"] = np.asarray(subjects).astype(str)
     mean = df.groupby("_s", sort=True).mean()
     return mean.index.to_numpy(), mean.to_numpy(np.float32)
+
+
+# -- random-init controls ---------------------------------------------------------------------------
+def control_base(model: str) -> str | None:
+    # A control of model M is "M_random_init": M's architecture (the config in M's model file), the
+    # trainer's seeded initial weights, no pretraining (BrainLM's "w/o pre-training" row).
+    """The pretrained model a control name stands for (``brainlm_random_init`` -> ``brainlm``), else None."""
+    return model[: -len(CONTROL_SUFFIX)] if model.endswith(CONTROL_SUFFIX) and len(model) > len(CONTROL_SUFFIX) else None
+
+
+def random_init_(model, train_config: dict | None = None) -> int:
+    """Replace a loaded model's parameters by the initial weights its trainer started from; returns the seed.
+
+    The trainer seeds torch with ``trainer.seed`` and then builds the model, so a model built from the same
+    config right after the same seed has those weights. Buffers (parcel coordinates, environment
+    statistics: data, not learned) stay as loaded.
+    """
+    import torch
+
+    from brainfoundry.models import build_model
+
+    seed = int((train_config or {}).get("seed", 0) or 0)
+    torch.manual_seed(seed)
+    fresh = build_model(model.family, model.config)
+    params = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(params[name])
+    return seed
+
+
+def load_model(model: str, checkpoint, evalset, device: str = "cpu") -> ModelAdapter:
+    """A model file behind its adapter; a control name loads the base model's file at its initial weights."""
+    from brainfoundry.evaluate.families import load_adapter
+
+    base = control_base(model)
+    if base is None:
+        return load_adapter(model, checkpoint, evalset, device=device)
+    adapter = load_adapter(base, checkpoint, evalset, name=model, device=device)
+    from brainfoundry.models.files import read_model_file
+
+    adapter.init_seed = random_init_(adapter.model, read_model_file(checkpoint).get("train_config"))
+    adapter.model.eval()
+    return adapter

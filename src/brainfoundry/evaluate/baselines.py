@@ -187,3 +187,60 @@ class LSTMForecaster:
         with torch.no_grad():
             pred = self.net_(torch.from_numpy(np.ascontiguousarray(_lagged(context, self.lags_), np.float32))).numpy()
         return pred[:, :horizon].reshape(b, n, horizon).transpose(0, 2, 1).astype(np.float32)
+
+
+class RidgeReconstructor:
+    """Masked parcels from the visible parcels at the same time point, by ridge regression.
+
+    Fitted on training subjects' time points only (``fit``): with the centred Gram matrix G of those
+    points, the ridge map from visible set V to masked set M is ``(G_VV + alpha n I)^-1 G_VM``, so one
+    Gram matrix serves every mask pattern (each patch of a random token mask hides a different parcel
+    set) and each pattern costs one |V| x |V| solve. ``alpha`` is in units of the (robust-scaled)
+    variance; `select_alpha` picks it on held-out training subjects, never on test subjects.
+    """
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = float(alpha)
+
+    def fit(self, points: np.ndarray) -> RidgeReconstructor:
+        """``points`` [n, N]: training time points (rows) x parcels."""
+        X = np.asarray(points, dtype=np.float64)
+        self.mean_ = X.mean(axis=0)
+        Xc = X - self.mean_
+        self.gram_ = Xc.T @ Xc
+        self.n_ = len(X)
+        return self
+
+    def predict(self, x: np.ndarray, point_mask: np.ndarray) -> np.ndarray:
+        """Fill the masked points (True) of one [T, N] window; visible points are kept as they are."""
+        import scipy.linalg
+
+        out = np.array(x, dtype=np.float64, copy=True)
+        patterns, inverse = np.unique(point_mask, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).ravel()
+        for k, hidden in enumerate(patterns):
+            if not hidden.any():
+                continue
+            rows = np.flatnonzero(inverse == k)
+            seen = ~hidden
+            if not seen.any():
+                out[np.ix_(rows, np.flatnonzero(hidden))] = self.mean_[hidden]
+                continue
+            a = self.gram_[np.ix_(seen, seen)] + self.alpha * self.n_ * np.eye(int(seen.sum()))
+            w = scipy.linalg.solve(a, self.gram_[np.ix_(seen, hidden)], assume_a="pos")
+            out[np.ix_(rows, np.flatnonzero(hidden))] = self.mean_[hidden] + (x[np.ix_(rows, np.flatnonzero(seen))]
+                                                                              - self.mean_[seen]) @ w
+        return out.astype(np.float32)
+
+
+def select_alpha(fit_points: np.ndarray, val_windows: list[np.ndarray], val_masks: list[np.ndarray],
+                 alphas=(1e-3, 1e-2, 1e-1, 1.0)) -> tuple[float, dict[float, float]]:
+    """The ridge penalty with the least masked-point squared error on validation windows of training subjects."""
+    errors = {}
+    for alpha in alphas:
+        model = RidgeReconstructor(alpha).fit(fit_points)
+        sse = 0.0
+        for w, m in zip(val_windows, val_masks):
+            sse += float(np.sum((model.predict(w, m)[m] - w[m]) ** 2))
+        errors[float(alpha)] = sse
+    return min(errors, key=errors.get), errors

@@ -61,26 +61,38 @@ def _tidy(rows: pd.DataFrame, method: str, target: str, split: str) -> pd.DataFr
     return rows
 
 
+# FC baselines by probe (``evaluate.fc_probes``): logistic / ridge, linear SVM / SVR, RBF SVM / SVR.
+FC_METHODS = {"logistic": "fc_linear", "svm": "fc_svm_linear", "svm_rbf": "fc_svm_rbf", "mlp": "fc_mlp"}
+
+
 def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: ModelAdapter | None = None,
         embeddings: Embeddings | None = None, targets: Sequence[str] | None = None,
         finetuned: Sequence[ModelAdapter] = ()) -> tuple[pd.DataFrame, list[str]]:
     """Probe rows for every target; a target that cannot run (constant, missing) is a note, the others run.
 
-    Frozen-embedding probes (or, for the baseline, the FC model), permutation rows, and for the LCM its
-    own phenotype heads on held-out subjects, pretrained and (``finetuned``: the trainer's pseudo-label
-    fine-tuning, one model file per target) fine-tuned. Fine-tuning with an MLP head is the separate
-    `run_finetune` (its own job: it costs far more than a probe).
+    Frozen-embedding probes (or, for the baseline, the FC models of ``evaluate.fc_probes``), with
+    ``evaluate.fc_concat`` FC + embedding concatenated ('fc_plus_embedding') beside FC alone ('fc_alone')
+    on the same subjects and folds, permutation rows, the external-site split (``evaluate.external_sites``)
+    and for the LCM its own phenotype heads on held-out subjects, pretrained and (``finetuned``: the
+    trainer's pseudo-label fine-tuning, one model file per target) fine-tuned. Fine-tuning with an MLP head
+    is the separate `run_finetune` (its own job: it costs far more than a probe).
     """
     notes: list[str] = []
     if adapter is None and embeddings is None:
         subjects, X = fc_subject_features(evalset)
-        feature_sets = {"fc_linear": ("logistic", X)}
+        feature_sets = {FC_METHODS[p]: (p, X) for p in settings.fc_probes}
     else:
         if embeddings is None:
             raise TaskSkipped(f"model '{adapter.name}': no embeddings")
         subjects, X = subject_means(embeddings.pooled, embeddings.subjects)
         feature_sets = {f"{p}_probe": (p, X) for p in settings.probes}
-    finite = np.isfinite(X).all(axis=1)
+        if settings.fc_concat:
+            fc_subj, fc = fc_subject_features(evalset)
+            fc = pd.DataFrame(fc, index=fc_subj).reindex(subjects).to_numpy(np.float32)
+            # Both on the subjects the model embeds, so that the difference is the embedding's alone.
+            feature_sets["fc_alone"] = ("logistic", fc)
+            feature_sets["fc_plus_embedding"] = ("logistic", np.concatenate([fc, X], axis=1))
+    finite = np.all([np.isfinite(x).all(axis=1) for _p, x in feature_sets.values()], axis=0)
     if not finite.all():
         notes.append(f"{(~finite).sum()} subjects without features (runs too short to embed) are left out")
     subjects, feats = subjects[finite], {k: (p, x[finite]) for k, (p, x) in feature_sets.items()}
@@ -88,6 +100,9 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
     split = "cv_heldout" if label_subjects else "cv"
     pretrain_subjects = (evalset.runs.loc[evalset.runs["split"] == "train", "subject"].astype(str).unique()
                          if "split" in evalset.runs else np.array([], dtype=str))
+    external, ext_note = external_subjects(evalset, settings)
+    if ext_note:
+        notes.append(ext_note)
     # A label-using model (LCM) is tested only on subjects outside the training split ('cv_heldout');
     # the baseline is then scored both ways so that it sits beside it on the same subjects.
     out = []
@@ -106,6 +121,7 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
             if counts.min() < 2:
                 notes.append(f"{target}: a class has fewer than 2 subjects ({dict(zip(encode_labels(y_raw)[1], counts))})")
                 continue
+        norm = None if classification else settings.target_normalization.get(target)
         test_mask = ~np.isin(subj, list(label_subjects)) if label_subjects else None
         if test_mask is not None and not test_mask.any():
             notes.append(f"{target}: every subject's label was seen by '{adapter.name}' in pretraining; "
@@ -117,16 +133,24 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
             # are also scored on the other subjects alone ('cv_heldout', the verdict's scope), and so is
             # the baseline, on the same folds.
             target_scopes.append(("cv_heldout", ~np.isin(subj, pretrain_subjects)))
+        ext_ok = external is not None and _external_target_ok(target, subj, y, external, classification, notes)
         for method, (probe, Xall) in feats.items():
             kind = probe if classification else REGRESSION_TWIN[probe]
-            for scope, mask in target_scopes:
-                if mask is not None and not mask.any():
-                    continue
-                rows, fold_notes = cross_validate_probe(Xall[keep], y, list(subj), folds, kind, classification,
-                                                        n_inner=settings.cv.n_inner, label=f"{target}/{method}",
-                                                        test_mask=mask)
-                notes += fold_notes if scope == split else []
-                out.append(_tidy(rows, method, target, scope))
+            try:
+                for scope, mask in target_scopes:
+                    if mask is not None and not mask.any():
+                        continue
+                    rows, fold_notes = cross_validate_probe(Xall[keep], y, list(subj), folds, kind, classification,
+                                                            n_inner=settings.cv.n_inner, label=f"{target}/{method}",
+                                                            test_mask=mask, normalization=norm)
+                    notes += fold_notes if scope == split else []
+                    out.append(_tidy(rows, method, target, scope))
+                if ext_ok:
+                    out.append(_tidy(external_probe(Xall[keep], y, subj, external, evalset, kind, classification,
+                                                    settings, norm), method, target, "external"))
+            except TaskSkipped as err:
+                notes.append(f"{target}/{method}: {err}")
+                continue
             # The chance check runs on the baseline's protocol (the same folds and probe as every model).
             if settings.n_permutations and method == "fc_linear":
                 perm = permutation_scores(Xall[keep], y, list(subj), folds, kind, classification,
@@ -142,7 +166,7 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
         rows, enotes = env_heads_heldout(ft, evalset, settings, [ft.finetuned_target])
         notes += enotes
         out.append(rows)
-    if adapter is None and "lcm" in settings.models:
+    if adapter is None and "lcm" in settings.models and "fc_linear" in feats:
         # The LCM is scored on held-out subjects only (it saw the training split's labels): the baseline
         # is scored on the same subjects, trained on the training split.
         rows, hnotes = fc_heldout(evalset, settings, subjects, feats["fc_linear"][1], targets or settings.targets)
@@ -152,6 +176,90 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
     return frame, notes
 
 
+# -- external-site validation -----------------------------------------------------------------------
+def external_subjects(evalset: EvalSet, settings: EvalSettings) -> tuple[np.ndarray | None, str | None]:
+    """Subjects of the external sites (``evaluate.external_sites``), or None and why there are none.
+
+    A list naming no site of the data is a note (the external split is then left out; the
+    cross-validation still runs).
+    """
+    wanted = [str(s) for s in settings.external_sites or []]
+    if not wanted:
+        return None, None
+    runs = evalset.runs
+    if "site" not in runs:
+        return None, f"evaluate.external_sites {wanted}: the data has no site column; no external split"
+    site_of = runs.groupby("subject")["site"].first().astype(str)
+    present = sorted(set(wanted) & set(site_of))
+    if not present:
+        return None, (f"evaluate.external_sites {wanted}: none of them is a site in the data (sites: "
+                      f"{sorted(site_of.unique())[:20]}); no external split")
+    note = None
+    if len(present) < len(wanted):
+        note = f"evaluate.external_sites: {sorted(set(wanted) - set(present))} are not sites in the data"
+    ext = site_of.index[site_of.isin(present)].to_numpy().astype(str)
+    if len(ext) == len(site_of):
+        return None, f"evaluate.external_sites {present} hold every subject; no development site is left"
+    return ext, note
+
+
+def _external_target_ok(target, subj, y, external, classification, notes) -> bool:
+    is_ext = np.isin(subj, external)
+    if is_ext.sum() < 4 or (~is_ext).sum() < 4:
+        notes.append(f"{target}/external: {int(is_ext.sum())} external and {int((~is_ext).sum())} development "
+                     "subjects with a value; too few for an external split")
+        return False
+    if classification:
+        for part, name in ((is_ext, "external"), (~is_ext, "development")):
+            if len(np.unique(y[part])) < 2:
+                notes.append(f"{target}/external: the {name} sites have one class only "
+                             f"({np.unique(y[part]).tolist()}); no external split for this target")
+                return False
+    return True
+
+
+def external_probe(X: np.ndarray, y: np.ndarray, subj: np.ndarray, external: np.ndarray, evalset: EvalSet,
+                   kind: str, classification: bool, settings: EvalSettings, norm: str | None) -> pd.DataFrame:
+    """Train on the development sites (hyper-parameters by an inner split grouped by site), test on the
+    external sites once; the interval is a bootstrap over external subjects."""
+    from brainfoundry.evaluate.protocol import TargetScaler, fit_nested, scores_of
+
+    is_ext = np.isin(subj, external)
+    site_of = evalset.runs.groupby("subject")["site"].first().astype(str)
+    groups = site_of.reindex(subj[~is_ext]).to_numpy()
+    if len(np.unique(groups)) < 2:
+        groups = subj[~is_ext]
+    ytr = y[~is_ext]
+    scaler = None if classification else TargetScaler(norm).fit(ytr)
+    est, _ = fit_nested(kind, X[~is_ext], ytr if scaler is None else scaler.transform(ytr), groups,
+                        n_inner=settings.cv.n_inner, classification=classification)
+    pred = est.predict(X[is_ext])
+    if classification:
+        return _bootstrap_rows(y[is_ext], pred, scores_of(est, X[is_ext]), True, settings.ci_level)
+    rows = _bootstrap_rows(y[is_ext], scaler.inverse(pred), None, False, settings.ci_level)
+    if scaler.kind != "none":
+        z = scaler.transform(y[is_ext])
+        rows = pd.concat([rows, _bootstrap_mse(z, pred, settings.ci_level)], ignore_index=True)
+    return rows
+
+
+def _bootstrap_mse(z_true, z_pred, level=0.95, n_boot=500, seed=0) -> pd.DataFrame:
+    sq = (np.asarray(z_true) - np.asarray(z_pred)) ** 2
+    rng = np.random.default_rng(seed)
+    boot = sq[rng.integers(0, len(sq), (n_boot, len(sq)))].mean(1)
+    lo, hi = np.quantile(boot, [0.5 - level / 2, 0.5 + level / 2])
+    return pd.DataFrame([{"seed": 0, "fold": "all", "metric": "mse", "value": float(sq.mean()), "ci_low": float(lo),
+                          "ci_high": float(hi), "n": len(sq)}])
+
+
+def external_folds(subjects: Sequence[str], external: np.ndarray, seeds: Sequence[int]) -> pd.DataFrame:
+    """A fold table with the external subjects as fold 0 and the development subjects as fold 1."""
+    subjects = np.asarray(subjects).astype(str)
+    fold = np.where(np.isin(subjects, external), 0, 1)
+    return pd.concat([pd.DataFrame({"subject": subjects, "site": None, "group": subjects, "group_by": "external",
+                                    "seed": int(s), "fold": fold}) for s in seeds], ignore_index=True)
+
+
 # -- fine-tuning the encoder with an MLP head -------------------------------------------------------
 def run_finetune(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame,
                  adapter: ModelAdapter) -> tuple[pd.DataFrame, list[str]]:
@@ -159,6 +267,9 @@ def run_finetune(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame,
     adapter.require("finetune", "finetune")
     notes, out = [], []
     subjects = np.array(sorted(evalset.runs["subject"].astype(str).unique()))
+    external, ext_note = external_subjects(evalset, settings)
+    if ext_note:
+        notes.append(ext_note)
     label_subjects = set(adapter.label_subjects)
     split = "cv_heldout" if label_subjects else "cv"
     for target in settings.finetune.targets:
@@ -174,9 +285,22 @@ def run_finetune(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame,
             notes.append(f"{target}: a class has fewer than 2 subjects")
             continue
         test_mask = ~np.isin(subj, list(label_subjects)) if label_subjects else None
-        rows, fnotes = finetune_cv(adapter, evalset, subj, y, classification, folds, settings, test_mask)
+        norm = None if classification else settings.target_normalization.get(target)
+        rows, fnotes = finetune_cv(adapter, evalset, subj, y, classification, folds, settings, test_mask, norm=norm)
         notes += [f"{target}/finetune_mlp: {n}" for n in fnotes]
         out.append(_tidy(rows, "finetune_mlp", target, split))
+        if external is not None and _external_target_ok(target, subj, y, external, classification, notes):
+            # The same fine-tuning trained on the development sites, tested once on the external ones.
+            collect: list = []
+            ext_folds = external_folds(subj, external, settings.finetune.seeds[:1])
+            finetune_cv(adapter, evalset, subj, y, classification, ext_folds, settings, None, norm=norm,
+                        test_folds={0}, collect=collect)
+            if collect:
+                test, pred, score, z_true, z_pred = collect[0]
+                ext_rows = _bootstrap_rows(y[test], pred, score, classification, settings.ci_level)
+                if z_true is not None:
+                    ext_rows = pd.concat([ext_rows, _bootstrap_mse(z_true, z_pred, settings.ci_level)], ignore_index=True)
+                out.append(_tidy(ext_rows, "finetune_mlp", target, "external"))
     out = [o for o in out if len(o)]
     return (pd.concat(out, ignore_index=True) if out else pd.DataFrame()), notes
 
@@ -202,13 +326,18 @@ def _subject_windows(adapter: ModelAdapter, evalset: EvalSet, subjects: Sequence
 
 
 def finetune_cv(adapter: ModelAdapter, evalset: EvalSet, subjects: np.ndarray, y: np.ndarray, classification: bool,
-                folds: pd.DataFrame, settings: EvalSettings, test_mask: np.ndarray | None):
+                folds: pd.DataFrame, settings: EvalSettings, test_mask: np.ndarray | None, norm: str | None = None,
+                test_folds: set | None = None, collect: list | None = None):
     """Fine-tune the encoder plus an MLP head on each training fold (fixed hyper-parameters from config).
 
     Hyper-parameters are the config's, never tuned on test folds. Only ``finetune.seeds`` seeds of the fold
-    table are used: fine-tuning costs far more than a probe.
+    table are used: fine-tuning costs far more than a probe. A continuous target is normalised by ``norm``
+    (`TargetScaler`, default z-score, fitted on the training part); ``mse`` rows are on that scale.
+    ``test_folds`` limits the folds tested; ``collect`` receives (test, pred, score, z_true, z_pred) per fold.
     """
     import torch
+
+    from brainfoundry.evaluate.protocol import TargetScaler
 
     ft = settings.finetune
     wins = _subject_windows(adapter, evalset, set(subjects), ft.max_windows_per_run, adapter.window or settings.window)
@@ -218,6 +347,8 @@ def finetune_cv(adapter: ModelAdapter, evalset: EvalSet, subjects: np.ndarray, y
     if chosen.empty:
         chosen = folds[folds["seed"] == folds["seed"].min()]
     for seed, fold, train, test in iter_folds(chosen, list(subjects)):
+        if test_folds is not None and fold not in test_folds:
+            continue
         if test_mask is not None:
             test = test[test_mask[test]]
         if len(test) == 0 or (classification and len(np.unique(y[train])) < 2):
@@ -231,9 +362,9 @@ def finetune_cv(adapter: ModelAdapter, evalset: EvalSet, subjects: np.ndarray, y
                                  {"params": head.parameters(), "lr": ft.head_lr}], weight_decay=0.01)
         xs = np.concatenate([wins[subjects[i]] for i in train if subjects[i] in wins])
         ys = np.concatenate([np.full(len(wins[subjects[i]]), y[i]) for i in train if subjects[i] in wins])
-        mu, sd = (0.0, 1.0) if classification else (float(ys.mean()), float(ys.std() or 1.0))
+        scaler = None if classification else TargetScaler(norm or "zscore").fit(y[train])
         xt = torch.from_numpy(xs.astype(np.float32))
-        yt = torch.from_numpy(ys.astype(np.int64) if classification else ((ys - mu) / sd).astype(np.float32))
+        yt = torch.from_numpy(ys.astype(np.int64) if classification else scaler.transform(ys).astype(np.float32))
         rng = np.random.default_rng(seed)
         encoder.train()
         head.train()
@@ -256,9 +387,16 @@ def finetune_cv(adapter: ModelAdapter, evalset: EvalSet, subjects: np.ndarray, y
         if classification:
             proba = torch.softmax(torch.from_numpy(outs), dim=1).numpy()
             pred = proba.argmax(1)
-            metrics = classification_metrics(y[test], pred, proba[:, 1] if n_classes == 2 else proba)
+            score = proba[:, 1] if n_classes == 2 else proba
+            metrics = classification_metrics(y[test], pred, score)
+            z_true = z_pred = None
         else:
-            metrics = regression_metrics(y[test], outs[:, 0] * sd + mu)
+            z_true, z_pred = scaler.transform(y[test]), outs[:, 0].astype(float)
+            pred = score = scaler.inverse(z_pred)
+            metrics = regression_metrics(y[test], pred)
+            metrics["mse"] = float(np.mean((z_true - z_pred) ** 2))
+        if collect is not None:
+            collect.append((test, pred, score, z_true, z_pred))
         for name, value in metrics.items():
             rows.append({"seed": seed, "fold": str(fold), "metric": name, "value": value, "n": len(test), "inner_cv": False})
     return pd.DataFrame(rows), notes

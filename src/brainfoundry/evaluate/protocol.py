@@ -172,10 +172,11 @@ class ProbeSpec:
     grid: dict = field(default_factory=dict)
 
 
-CLASSIFIERS = ("logistic", "svm", "mlp")
-REGRESSORS = ("ridge", "svr", "mlp_reg")
+CLASSIFIERS = ("logistic", "svm", "mlp", "svm_rbf")
+REGRESSORS = ("ridge", "svr", "mlp_reg", "svr_rbf")
 # The same probe name works for either target type: classification probe -> its regression twin.
-REGRESSION_TWIN = {"logistic": "ridge", "svm": "svr", "mlp": "mlp_reg"}
+REGRESSION_TWIN = {"logistic": "ridge", "svm": "svr", "mlp": "mlp_reg", "svm_rbf": "svr_rbf"}
+RBF = ("svm_rbf", "svr_rbf")
 
 
 from sklearn.base import BaseEstimator, TransformerMixin  # noqa: E402  (sklearn is a hard dependency)
@@ -189,10 +190,15 @@ class GramRotation(TransformerMixin, BaseEstimator):
     coordinates gives the same predictions as on the p raw features (19,900 for CC200 FC) at a fraction of
     the cost. Equal to ``sklearn.decomposition.PCA`` (up to component signs; a test checks it); cheaper
     because it forms the n x n Gram matrix (one matmul) instead of a full SVD of the n x p data.
+
+    ``residual=True`` appends one coordinate, the norm of the part of a row outside the training span
+    (0 for training rows): distances from any row to the training rows are then exact, so an RBF kernel
+    between test and training rows (all an SVM's prediction needs) is unchanged too.
     """
 
-    def __init__(self, rtol: float = 1e-10):
+    def __init__(self, rtol: float = 1e-10, residual: bool = False):
         self.rtol = rtol
+        self.residual = residual
 
     def fit(self, X, y=None) -> "GramRotation":
         X = np.asarray(X, dtype=np.float64)
@@ -206,7 +212,14 @@ class GramRotation(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X) -> np.ndarray:
-        return (np.asarray(X, dtype=np.float64) - self.mean_) @ self.components_
+        Xc = np.asarray(X, dtype=np.float64) - self.mean_
+        Z = Xc @ self.components_
+        if not self.residual:
+            return Z
+        rest = np.maximum((Xc * Xc).sum(1) - (Z * Z).sum(1), 0.0)
+        # Round-off leaves ~1e-9 relative residue on training rows: below that it is zero.
+        rest[rest < 1e-8 * np.maximum((Xc * Xc).sum(1), 1e-300)] = 0.0
+        return np.column_stack([Z, np.sqrt(rest)])
 
 
 def build_estimator(kind: str, seed: int = 0, pca: int | None = None, rotate: bool = False):
@@ -219,7 +232,7 @@ def build_estimator(kind: str, seed: int = 0, pca: int | None = None, rotate: bo
     from sklearn.neural_network import MLPClassifier, MLPRegressor
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVR, LinearSVC
+    from sklearn.svm import SVC, SVR, LinearSVC
 
     # Balanced class weights: with ABIDE's 85 % male subjects an unweighted probe predicts "male" for
     # everyone (balanced accuracy 0.50 at AUC 0.63); weighting keeps the threshold meaningful.
@@ -241,6 +254,11 @@ def build_estimator(kind: str, seed: int = 0, pca: int | None = None, rotate: bo
     elif kind == "mlp_reg":
         est = MLPRegressor(hidden_layer_sizes=(64,), solver="lbfgs", max_iter=500, random_state=seed)
         grid = {"alpha": [1e-2, 1.0]}
+    elif kind == "svm_rbf":
+        # gamma as a multiple of 1 / median squared distance of the training rows (`rbf_grid`).
+        est, grid = SVC(kernel="rbf", class_weight="balanced"), {"C": [0.1, 1.0, 10.0], "gamma": [0.25, 1.0, 4.0]}
+    elif kind == "svr_rbf":
+        est, grid = SVR(kernel="rbf"), {"C": [0.1, 1.0, 10.0], "gamma": [0.25, 1.0, 4.0]}
     else:
         raise ValueError(f"unknown probe {kind!r}; choose from {CLASSIFIERS + REGRESSORS}")
     steps = [("scale", StandardScaler())]
@@ -253,6 +271,20 @@ def build_estimator(kind: str, seed: int = 0, pca: int | None = None, rotate: bo
 
 
 LINEAR = ("logistic", "svm", "ridge", "svr")
+
+
+def rbf_grid(grid: dict, X: np.ndarray) -> dict:
+    """An RBF grid's gamma multipliers in units of 1 / median squared distance between the rows of ``X``.
+
+    ``X`` is the training fold (scaled), so the scale of gamma is set without test subjects.
+    """
+    from sklearn.metrics import pairwise_distances
+
+    sub = X[: min(len(X), 500)]
+    d2 = pairwise_distances(sub, metric="sqeuclidean")
+    med = float(np.median(d2[np.triu_indices(len(sub), k=1)])) if len(sub) > 1 else 1.0
+    med = med if med > 0 else 1.0
+    return {k: ([g / med for g in v] if k.endswith("gamma") else v) for k, v in grid.items()}
 
 
 def fit_nested(kind: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0,
@@ -276,10 +308,14 @@ def fit_nested(kind: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed
     pipe, default_grid = build_estimator(kind, seed=seed)
     grid = {f"est__{k}": v for k, v in grid.items()} if grid else default_grid
     prep = None
-    if kind in LINEAR and X.shape[1] > X.shape[0]:
-        prep = Pipeline([("scale", StandardScaler()), ("rotate", GramRotation())]).fit(X)
+    if kind in LINEAR + RBF and X.shape[1] > X.shape[0]:
+        # RBF: the residual coordinate keeps test-to-training distances exact (`GramRotation`).
+        prep = Pipeline([("scale", StandardScaler()), ("rotate", GramRotation(residual=kind in RBF))]).fit(X)
         X = prep.transform(X)
         pipe = Pipeline([("est", pipe.named_steps["est"])])  # rescaling rotated axes would change the penalty
+    if kind in RBF:
+        scaled = X if prep is not None else pipe.named_steps["scale"].fit_transform(X)
+        grid = rbf_grid(grid, scaled)
 
     def finish(est):
         return Pipeline([("prep", prep), ("est", est.named_steps["est"])]) if prep is not None else est
@@ -366,9 +402,49 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
     return {"mae": mae, "r": r}
 
 
+class TargetScaler:
+    """BrainLM's target normalisations of a continuous target, fitted on training values only.
+
+    ``zscore`` (age), ``minmax``, ``log_minmax`` (log1p then min-max, for skewed scores) or ``none``.
+    """
+
+    def __init__(self, kind: str | None = "none"):
+        self.kind = kind or "none"
+
+    def _pre(self, y):
+        y = np.asarray(y, dtype=float)
+        if self.kind == "log_minmax":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.log1p(y)
+        return y
+
+    def fit(self, y) -> TargetScaler:
+        y = np.asarray(y, dtype=float)
+        if self.kind == "log_minmax" and (y <= -1).any():
+            raise TaskSkipped(f"log_minmax normalisation needs values > -1 (minimum {y.min():g})")
+        v = self._pre(y)
+        if self.kind == "zscore":
+            self.shift_, self.scale_ = float(v.mean()), float(v.std() or 1.0)
+        elif self.kind in ("minmax", "log_minmax"):
+            self.shift_, self.scale_ = float(v.min()), float((v.max() - v.min()) or 1.0)
+        elif self.kind == "none":
+            self.shift_, self.scale_ = 0.0, 1.0
+        else:
+            raise ValueError(f"unknown target normalisation {self.kind!r}")
+        return self
+
+    def transform(self, y) -> np.ndarray:
+        return (self._pre(y) - self.shift_) / self.scale_
+
+    def inverse(self, z) -> np.ndarray:
+        v = np.asarray(z, dtype=float) * self.scale_ + self.shift_
+        return np.expm1(v) if self.kind == "log_minmax" else v
+
+
 def cross_validate_probe(X: np.ndarray, y: np.ndarray, subjects: Sequence[str], folds: pd.DataFrame,
                          kind: str, classification: bool, n_inner: int = 3, label: str = "target",
-                         grid: dict | None = None, test_mask: np.ndarray | None = None) -> tuple[pd.DataFrame, list[str]]:
+                         grid: dict | None = None, test_mask: np.ndarray | None = None,
+                         normalization: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Outer cross-validation of one probe over the saved folds; rows per (seed, fold) plus pooled rows.
 
     Parameters
@@ -377,6 +453,8 @@ def cross_validate_probe(X: np.ndarray, y: np.ndarray, subjects: Sequence[str], 
     y : targets (classes as integers or strings, or floats).
     test_mask : optional boolean per subject; False keeps the subject out of every test fold (e.g. the
         subjects whose labels a model saw during pretraining). They may still train the probe.
+    normalization : a continuous target's `TargetScaler` kind, fitted on each training part; the probe is
+        fitted on the normalised target, MAE and r are in raw units, ``mse`` on the normalised scale.
 
     Returns
     -------
@@ -399,16 +477,22 @@ def cross_validate_probe(X: np.ndarray, y: np.ndarray, subjects: Sequence[str], 
             notes.append(f"{label}: fold {fold} (seed {seed}) skipped: the target is constant in the training part")
             continue
         groups = group_of(folds, [subjects[i] for i in train])
-        est, searched = fit_nested(kind, X[train], ytr, groups, seed=seed, n_inner=n_inner, grid=grid,
-                                   classification=classification)
+        scaler = None if classification else TargetScaler(normalization).fit(ytr)
+        est, searched = fit_nested(kind, X[train], ytr if scaler is None else scaler.transform(ytr), groups,
+                                   seed=seed, n_inner=n_inner, grid=grid, classification=classification)
         pred = est.predict(X[test])
+        sq = np.zeros(0)
         if classification:
             score = scores_of(est, X[test])
             metrics = classification_metrics(y[test], pred, score)
         else:
+            sq = (scaler.transform(y[test]) - pred) ** 2
+            pred = scaler.inverse(pred)
             score = pred
             metrics = regression_metrics(y[test], pred)
-        pooled.setdefault(seed, []).append((test, pred, score))
+            if scaler.kind != "none":
+                metrics["mse"] = float(np.mean(sq))
+        pooled.setdefault(seed, []).append((test, pred, score, sq))
         for name, value in metrics.items():
             rows.append({"seed": seed, "fold": str(fold), "metric": name, "value": value, "n": len(test),
                          "inner_cv": searched})
@@ -418,6 +502,8 @@ def cross_validate_probe(X: np.ndarray, y: np.ndarray, subjects: Sequence[str], 
         pred = np.concatenate([p[1] for p in parts])
         score = np.concatenate([p[2] for p in parts])
         metrics = classification_metrics(y[idx], pred, score) if classification else regression_metrics(y[idx], pred)
+        if not classification and normalization not in (None, "none"):
+            metrics["mse"] = float(np.mean(np.concatenate([p[3] for p in parts])))
         for name, value in metrics.items():
             rows.append({"seed": seed, "fold": "pooled", "metric": name, "value": value, "n": len(idx),
                          "inner_cv": True})
@@ -447,7 +533,7 @@ def permutation_scores(X: np.ndarray, y: np.ndarray, subjects: Sequence[str], fo
 
 # Metrics with a natural range: a t interval over few folds can step outside it, so it is clipped.
 METRIC_RANGE = {"auc": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0), "r": (-1.0, 1.0),
-                "pearson_r": (-1.0, 1.0)}
+                "pearson_r": (-1.0, 1.0), "mse": (0.0, np.inf)}
 
 
 def aggregate(rows: pd.DataFrame, keys: Sequence[str], level: float = 0.95) -> pd.DataFrame:

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from brainfoundry.evaluate.adapters import ModelAdapter, window_starts
-from brainfoundry.evaluate.baselines import expand_mask, interpolate_masked, parcel_mean_masked, patch_mask
+from brainfoundry.evaluate.baselines import (RidgeReconstructor, expand_mask, interpolate_masked, parcel_mean_masked,
+                                             patch_mask, select_alpha)
 from brainfoundry.evaluate.dataset import EvalSet
 from brainfoundry.evaluate.protocol import TaskSkipped, bootstrap_ci
 from brainfoundry.evaluate.settings import EvalSettings
@@ -63,6 +64,11 @@ def run(evalset: EvalSet, settings: EvalSettings, adapter: ModelAdapter | None) 
                               "set them to the model's so baselines see the same masks")
     windows, info = heldout_windows(evalset, settings, settings.window)
     n_patches = settings.window // settings.patch
+    notes: list[str] = []
+    ridge = None
+    if adapter is None:
+        ridge, note = fit_ridge(evalset, settings)
+        notes.append(note)
     rows = []
     for seed in settings.seeds:
         for ratio in settings.mask_ratios:
@@ -74,12 +80,50 @@ def run(evalset: EvalSet, settings: EvalSettings, adapter: ModelAdapter | None) 
             else:
                 preds = {"linear_interpolation": np.stack([interpolate_masked(w, pm) for w, pm in zip(windows, point)]),
                          "parcel_mean": np.stack([parcel_mean_masked(w, pm) for w, pm in zip(windows, point)])}
+                if ridge is not None:
+                    preds["ridge_visible"] = np.stack([ridge.predict(w, pm) for w, pm in zip(windows, point)])
             for method, pred in preds.items():
                 for k in range(len(windows)):
                     rows.append({"method": method, "condition": f"mask={ratio:g}", "seed": seed,
                                  "run_id": info["run_id"][k], "subject": info["subject"][k],
                                  "metric": "r2", "value": r2_masked(windows[k], pred[k], point[k])})
-    return pd.DataFrame(rows), []
+    return pd.DataFrame(rows), notes
+
+
+def fit_ridge(evalset: EvalSet, settings: EvalSettings) -> tuple[RidgeReconstructor | None, str]:
+    """The ridge reconstruction baseline fitted on training-split runs (normalized as the models see them).
+
+    The penalty is chosen on a fifth of the training subjects (stable by subject) with random token masks
+    at the middle mask ratio, then the map is refitted on every training run. Returns (model or None, note).
+    """
+    runs = evalset.runs
+    train = np.flatnonzero(runs["split"].to_numpy() == "train") if "split" in runs else np.array([], int)
+    if len(train) < 2:
+        return None, f"ridge_visible: {len(train)} training runs; the ridge baseline needs at least 2"
+    if len(train) > settings.ridge_max_train_runs:  # a stable subset: the same runs in every job
+        order = sorted(train, key=lambda i: hashlib.sha256(str(runs.index[i]).encode()).hexdigest())
+        train = np.sort(np.asarray(order[: settings.ridge_max_train_runs]))
+    subjects = runs["subject"].astype(str).to_numpy()
+    val = np.array([int(hashlib.sha256(f"ridge\x1f{subjects[i]}".encode()).hexdigest(), 16) % 5 == 0 for i in train])
+    if val.all() or not val.any():
+        val = np.arange(len(train)) % 5 == 0
+    n_patches = settings.window // settings.patch
+    ratio = sorted(settings.mask_ratios)[len(settings.mask_ratios) // 2]
+    val_windows, val_masks = [], []
+    for i in train[val]:
+        x = evalset.normalized(i)
+        for start in window_starts(len(x), settings.window, settings.max_windows_per_run):
+            m = patch_mask(evalset.n_parcels, n_patches, ratio, stable_rng("ridge-val", runs.index[i], start))
+            val_windows.append(x[start:start + settings.window])
+            val_masks.append(expand_mask(m, settings.patch))
+    alphas = list(settings.ridge_alphas)
+    alpha = alphas[len(alphas) // 2]
+    if val_windows and len(alphas) > 1:
+        alpha, _ = select_alpha(np.concatenate([evalset.normalized(i) for i in train[~val]]), val_windows, val_masks,
+                                alphas)
+    model = RidgeReconstructor(alpha).fit(np.concatenate([evalset.normalized(i) for i in train]))
+    return model, (f"ridge_visible: fitted on {len(train)} training runs ({model.n_} time points), alpha {alpha:g} "
+                   f"chosen on {int(val.sum())} of them at mask {ratio:g}")
 
 
 def _batched_reconstruct(adapter: ModelAdapter, windows: np.ndarray, masks: np.ndarray) -> np.ndarray:

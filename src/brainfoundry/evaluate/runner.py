@@ -21,6 +21,7 @@ from brainfoundry.evaluate.settings import EvalSettings
 from brainfoundry.evaluate.table import tidy
 
 BASELINE = "baseline"
+BASELINE_METHODS = ("fc_alone",)
 
 
 def folds_for(evalset: EvalSet, settings: EvalSettings) -> pd.DataFrame:
@@ -62,6 +63,9 @@ def run_task(task: str, model: str, evalset: EvalSet, settings: EvalSettings, fo
     table_task = "phenotype" if task == "finetune" else task
     table = tidy(rows, model, table_task, is_baseline) if len(rows) else \
         tidy(pd.DataFrame(columns=["fold", "seed", "n"]), model, table_task, is_baseline)
+    if len(table) and "method" in table:
+        # FC alone on a model's subjects (beside FC + embedding) is a baseline, though in the model's table.
+        table.loc[table["method"].isin(BASELINE_METHODS), "is_baseline"] = True
     info = {"model": model, "task": task, "status": status, "notes": notes,
             "seconds": round(time.perf_counter() - start, 3), "n_rows": int(len(table))}
     return table, info
@@ -84,8 +88,9 @@ def _dispatch(task, evalset, settings, folds, adapter, emb, model, finetuned=())
         if rows.empty:
             return rows, notes
         permuted = rows[rows["split"] == "permuted"]
-        heldout = rows[rows["split"] == "heldout"]  # already aggregated (subject bootstrap)
-        cv_rows = rows[~rows["split"].isin(["permuted", "heldout"])]
+        # Held-out and external-site rows are already aggregated (subject bootstrap).
+        heldout = rows[rows["split"].isin(["heldout", "external"])]
+        cv_rows = rows[~rows["split"].isin(["permuted", "heldout", "external"])]
         agg = aggregate(cv_rows, ["method", "target", "split", "metric"], level)
         perm_agg = aggregate(permuted.assign(fold="0"), ["method", "target", "split", "metric"], level) \
             if len(permuted) else permuted
@@ -99,8 +104,10 @@ def _dispatch(task, evalset, settings, folds, adapter, emb, model, finetuned=())
         rows, notes = phenotype.run_finetune(evalset, settings, folds, adapter)
         if rows.empty:
             return rows, notes
-        agg = aggregate(rows, ["method", "target", "split", "metric"], level)
-        return pd.concat([rows, agg], ignore_index=True), notes
+        external = rows[rows["split"] == "external"]  # already aggregated (subject bootstrap)
+        rows = rows[rows["split"] != "external"]
+        agg = aggregate(rows, ["method", "target", "split", "metric"], level) if len(rows) else rows
+        return pd.concat([rows, agg, external], ignore_index=True), notes
     if task == "networks":
         labels = evalset.networks
         if labels is None and evalset.meta.get("network_note"):

@@ -7,6 +7,9 @@ from typing import Any, Mapping
 
 from brainfoundry.errors import ConfigError
 
+# A random-init control of model M is evaluated as "M_random_init" (see `evaluate.adapters.load_model`).
+CONTROL_SUFFIX = "_random_init"
+NORMALIZATIONS = ("zscore", "minmax", "log_minmax", "none")
 TASKS = ("reconstruction", "forecasting", "phenotype", "finetune", "networks", "fingerprint")
 
 
@@ -67,6 +70,22 @@ class EvalSettings:
     # Trainer keys for that fine-tuning over the LCM's own (e.g. fewer steps than pretraining).
     pseudo_label_trainer: dict = field(default_factory=dict)
     n_permutations: int = 5
+    # Random-init controls: every model also evaluated as ``<model>_random_init`` (same config, seed 0 init).
+    controls: bool = True
+    # FC baselines beside the models' probes: fc_linear (logistic / ridge), fc_svm_linear, fc_svm_rbf
+    # (linear and RBF SVM / SVR, C and gamma chosen in inner folds).
+    fc_probes: list[str] = field(default_factory=lambda: ["logistic", "svm", "svm_rbf"])
+    # FC + embedding concatenated (``fc_plus_embedding``) beside FC alone (``fc_alone``) in each model's rows.
+    fc_concat: bool = True
+    # Per continuous target: zscore | minmax | log_minmax | none, fitted on training folds (BrainLM's
+    # normalisations; mse rows are on this scale).
+    target_normalization: dict = field(default_factory=lambda: {"age": "zscore"})
+    # Sites held out whole (external validation, trained on the other sites); the workflow fills it from
+    # shards.holdout_sites. Empty: no external split.
+    external_sites: list[str] = field(default_factory=list)
+    # Reconstruction: ridge from visible to masked parcels at each time point (fitted on training runs).
+    ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
+    ridge_max_train_runs: int = 400
     # Schaefer-400 7-network label image and its order file, for the majority vote when the atlas labels
     # TSV has no network column; the parcel atlas image comes from the atlas step (or atlas.path).
     network_atlas: str | None = None
@@ -88,6 +107,7 @@ class EvalSettings:
         kwargs = {}
         for key, value in values.items():
             if value is None and key not in ("network_atlas", "network_atlas_labels", "min_timepoints"):
+                # (external_sites: null = shards.holdout_sites, filled in by the workflow)
                 continue  # null = the default (the workflow fills window/patch from the BrainLM config)
             if key in nested:
                 sub_known = {f.name for f in fields(nested[key])}
@@ -109,6 +129,13 @@ class EvalSettings:
             raise ConfigError("evaluate.window", f"window {self.window} is not a multiple of patch {self.patch}")
         if self.context + self.horizon > self.window:
             raise ConfigError("evaluate.context", f"context {self.context} + horizon {self.horizon} exceeds window {self.window}")
+        bad = {k: v for k, v in (self.target_normalization or {}).items() if v not in NORMALIZATIONS}
+        if bad:
+            key = next(iter(bad))
+            raise ConfigError(f"evaluate.target_normalization.{key}", f"{bad[key]!r}: choose from {list(NORMALIZATIONS)}")
+        bad = [p for p in self.fc_probes if p not in ("logistic", "svm", "svm_rbf", "mlp")]
+        if bad:
+            raise ConfigError("evaluate.fc_probes", f"unknown probes {bad}; choose from logistic, svm, svm_rbf, mlp")
         if any(not 0 < r < 1 for r in self.mask_ratios):
             raise ConfigError("evaluate.mask_ratios", f"ratios must be in (0, 1), got {self.mask_ratios}")
 

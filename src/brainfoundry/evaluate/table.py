@@ -116,7 +116,10 @@ def verdict(table: pd.DataFrame) -> pd.DataFrame:
                 continue
             # Subjects outside the pretraining split are the strict scope ('cv_heldout'): a label-using model
             # has no other, and a self-supervised one saw the others' series. Compare on it when it exists.
-            if (mgrp["split"] == "cv_heldout").any():
+            # An external-site split, where configured, is stricter still (no site of it trained anything).
+            if (mgrp["split"] == "external").any():
+                mgrp = mgrp[mgrp["split"] == "external"]
+            elif (mgrp["split"] == "cv_heldout").any():
                 mgrp = mgrp[mgrp["split"] == "cv_heldout"]
             b = base[base["split"].isin(mgrp["split"].unique())]
             b = b if len(b) else base

@@ -32,7 +32,21 @@ def eval_settings(config: Mapping[str, Any], pretrain_families: list[str] | None
     ev["patch"] = ev.get("patch") or int(brainlm.get("patch_size", 20))
     ev["horizon"] = ev.get("horizon") or ev["patch"] * max(1, int(brainlm.get("future_patches", 1)))
     ev["context"] = ev.get("context") or ev["window"] - ev["horizon"]
+    if ev.get("external_sites") is None:  # the sites the shards hold out whole are the external ones
+        ev["external_sites"] = [str(s) for s in dict(config.get("shards", {}) or {}).get("holdout_sites", []) or []]
     return ev
+
+
+def control_name(model: str) -> str:
+    from brainfoundry.evaluate.settings import CONTROL_SUFFIX
+
+    return f"{model}{CONTROL_SUFFIX}"
+
+
+def evaluated_models(ev: Mapping[str, Any]) -> list[str]:
+    """The models and, with ``evaluate.controls`` (default on), each one's random-init control."""
+    controls = [control_name(m) for m in ev["models"]] if ev.get("controls", True) else []
+    return list(ev["models"]) + controls
 
 
 def options_json(ev: Mapping[str, Any]) -> str:
@@ -45,7 +59,14 @@ def baseline_tasks(ev: Mapping[str, Any]) -> list[str]:
 
 
 def model_file(results: str, model: str) -> str:
-    """The pretrained model file of a family (the pretrain rule's output; ``model.json`` beside it)."""
+    """The pretrained model file of a family (the pretrain rule's output; ``model.json`` beside it).
+
+    A random-init control reads its model's file (for the architecture and the seed; weights unused).
+    """
+    from brainfoundry.evaluate.settings import CONTROL_SUFFIX
+
+    if model.endswith(CONTROL_SUFFIX) and len(model) > len(CONTROL_SUFFIX):
+        model = model[: -len(CONTROL_SUFFIX)]
     return f"{results}/models/{model}/model.safetensors"
 
 
@@ -107,7 +128,7 @@ def task_args(input) -> str:
 
 def task_tables(eval_dir: str, ev: Mapping[str, Any]) -> list[str]:
     """Every model x task table plus the baseline's, the merge step's inputs."""
-    out = [f"{eval_dir}/tasks/{m}/{t}.parquet" for m in ev["models"] for t in ev["tasks"]]
+    out = [f"{eval_dir}/tasks/{m}/{t}.parquet" for m in evaluated_models(ev) for t in ev["tasks"]]
     return out + [f"{eval_dir}/tasks/baseline/{t}.parquet" for t in baseline_tasks(ev)]
 
 
@@ -116,5 +137,6 @@ def evaluation_targets(eval_dir: str, ev: Mapping[str, Any]) -> list[str]:
     if not ev["models"] and not ev["tasks"]:
         return []
     targets = [f"{eval_dir}/metrics.parquet", f"{eval_dir}/summary.html", f"{eval_dir}/verdict.png"]
-    targets += [f"{eval_dir}/examples/{m}_{kind}.png" for m in ev["models"] for kind in ("reconstruction", "forecast")]
+    targets += [f"{eval_dir}/examples/{m}_{kind}.png" for m in evaluated_models(ev)
+                for kind in ("reconstruction", "forecast")]
     return targets
