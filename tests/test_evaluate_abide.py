@@ -59,3 +59,32 @@ def test_abide_fc_cli_on_a_subset(abide_root, tmp_path):
     auc = table[(table["fold"] == "all") & (table["metric"] == "auc")]["value"].iloc[0]
     assert 0.3 < auc <= 1.0  # 65 subjects: noisy, but a number in range (full set: ~0.73)
     assert set(info["timing"]) >= {"read_s", "fc_s", "cv_diagnosis_s"}
+
+
+def test_three_abide_sites_held_out_as_an_external_split(abide_root):
+    """Probes trained on the development sites only, tested once on three held-out sites (issue 10 item 5)."""
+    from brainfoundry.evaluate.protocol import FoldSpec, make_folds
+    from brainfoundry.evaluate.runner import run_task
+    from brainfoundry.evaluate.settings import EvalSettings
+
+    evs = load_abide(abide_root, max_subjects=130)
+    evs.runs["split"] = "test"  # no pretraining split here: every subject is a CV subject
+    external = ["CALTECH", "LEUVEN_1", "SBL"]
+    settings = EvalSettings.from_dict({"models": [], "targets": ["diagnosis"], "fc_probes": ["logistic", "svm"],
+                                       "n_permutations": 0, "external_sites": external,
+                                       "cv": {"n_folds": 5, "seeds": [0], "group_by": "site", "n_inner": 2}})
+    subjects = evs.runs.groupby("subject")[["site", "diagnosis"]].first()
+    folds = make_folds(subjects, FoldSpec(n_folds=5, seeds=(0,), group_by="site", stratify_by="diagnosis"))
+    table, info = run_task("phenotype", "baseline", evs, settings, folds)
+    assert info["status"] == "ok", info
+    ext = table[(table["split"] == "external") & (table["metric"] == "auc")].set_index("method")
+    n_ext = int(subjects["site"].isin(external).sum())
+    assert set(ext.index) == {"fc_linear", "fc_svm_linear"} and (ext["n"] == n_ext).all()
+    assert ((ext["ci_low"] < ext["value"]) & (ext["value"] < ext["ci_high"])).all()  # bootstrap over subjects
+    assert (ext["value"] > 0.3).all() and (ext["value"] <= 1).all()
+    assert "cv" in set(table["split"])  # beside the site-grouped cross-validation
+    # a site list naming no ABIDE site: a named reason, the cross-validation still runs
+    bad = EvalSettings.from_dict({**settings.to_dict(), "external_sites": ["NOWHERE"]})
+    table, info = run_task("phenotype", "baseline", evs, bad, folds)
+    assert "external" not in set(table["split"]) and "cv" in set(table["split"])
+    assert any("none of them is a site in the data" in n for n in info["notes"])

@@ -164,6 +164,51 @@ def test_cli_baseline_and_models_end_to_end(shards, model_files, tmp_path):
     assert rec.stat().st_size > 5000 and fc.stat().st_size > 5000
 
 
+def test_random_init_control_is_the_trainers_initial_model_through_the_same_tasks(shards, model_files, tmp_path):
+    """``brainlm_random_init``: the config of brainlm's file at the trainer's seeded initial weights, evaluated
+    by the same jobs (embeddings, reconstruction, fine-tuning from random init, here also on external sites)."""
+    import torch
+
+    from brainfoundry.evaluate.adapters import load_model
+    from brainfoundry.models import build_model
+
+    evs = load_shards(shards)
+    pretrained = load_model("brainlm", model_files["brainlm"], evs)
+    control = load_model("brainlm_random_init", model_files["brainlm"], evs)
+    assert control.name == "brainlm_random_init" and control.init_seed == 0
+    torch.manual_seed(0)
+    fresh = build_model("brainlm", pretrained.model.config)
+    for (name, p), (_, q), (_, r) in zip(control.model.named_parameters(), fresh.named_parameters(),
+                                          pretrained.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(p, r) for p, r in zip(control.model.parameters(), pretrained.model.parameters()))
+
+    site = sorted(evs.runs["site"].unique())[0]
+    opts = json.dumps({**OPTIONS, "external_sites": [site], "targets": ["diagnosis"],
+                       "finetune": {**OPTIONS["finetune"], "targets": ["diagnosis"]}})
+    common = ["--shards", str(shards), "--options", opts]
+    assert _run("folds", *common, "--out", str(tmp_path / "folds.parquet")) == 0
+    emb = tmp_path / "control.npz"
+    assert _run("embed", "--model", "brainlm_random_init", "--checkpoint", str(model_files["brainlm"]), *common,
+                "--out", str(emb)) == 0
+    tables = {}
+    for task in ("reconstruction", "phenotype", "finetune"):
+        out = tmp_path / f"{task}.parquet"
+        assert _run("task", "--task", task, "--model", "brainlm_random_init", "--checkpoint",
+                    str(model_files["brainlm"]), "--embeddings", str(emb), "--folds", str(tmp_path / "folds.parquet"),
+                    *common, "--out", str(out)) == 0
+        status = json.loads(out.with_suffix(".json").read_text())
+        assert status["status"] == "ok", status
+        tables[task] = pd.read_parquet(out)
+        own = tables[task][tables[task]["method"] != "fc_alone"]  # FC alone on its subjects is a baseline
+        assert set(tables[task]["model"]) == {"brainlm_random_init"} and not own["is_baseline"].any()
+    ft = tables["finetune"]
+    assert {"cv", "external"} <= set(ft["split"])
+    n_ext = evs.runs.loc[evs.runs["site"] == site, "subject"].nunique()
+    assert (ft.loc[ft["split"] == "external", "n"] == n_ext).all()
+    assert "external" in set(tables["phenotype"]["split"])
+
+
 def test_wrong_parcel_count_is_a_clear_error(shards, tmp_path, capsys):
     from brainfoundry.models import build_model
 

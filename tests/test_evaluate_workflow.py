@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from brainfoundry.evaluate.workflow import eval_settings, evaluation_targets, pseudo_label_settings, task_tables
+from brainfoundry.evaluate.workflow import (eval_settings, evaluated_models, evaluation_targets, model_file,
+                                            pseudo_label_settings, task_tables)
 from conftest import abide_subset_config, bin_path
 
 # Two ASD and two control subjects from each of three sites (one female among them: sex is a target
@@ -33,11 +34,36 @@ def test_eval_settings_follow_the_brainlm_model():
     assert (ev["window"], ev["patch"], ev["horizon"], ev["context"]) == (120, 20, 20, 100)
     assert ev["models"] == ["brainlm"]
     # fine-tuning has no baseline job; the merge reads every other model x task table
+    # ... and every model's random-init control (evaluate.controls, default on) on the same tasks
     assert task_tables("E", ev) == ["E/tasks/brainlm/reconstruction.parquet", "E/tasks/brainlm/finetune.parquet",
+                                    "E/tasks/brainlm_random_init/reconstruction.parquet",
+                                    "E/tasks/brainlm_random_init/finetune.parquet",
                                     "E/tasks/baseline/reconstruction.parquet"]
     assert "E/verdict.png" in evaluation_targets("E", ev)
     explicit = eval_settings({"evaluate": {"window": 200, "patch": 25, "context": 150, "horizon": 50}})
     assert (explicit["window"], explicit["patch"], explicit["context"], explicit["horizon"]) == (200, 25, 150, 50)
+
+
+def test_random_init_controls_read_their_models_file_and_can_be_switched_off():
+    ev = eval_settings({"evaluate": {"tasks": ["phenotype"]}}, ["brainlm", "lcm"])
+    assert evaluated_models(ev) == ["brainlm", "lcm", "brainlm_random_init", "lcm_random_init"]
+    assert model_file("R", "lcm_random_init") == model_file("R", "lcm") == "R/models/lcm/model.safetensors"
+    assert "E/examples/lcm_random_init_reconstruction.png" in evaluation_targets("E", ev)
+    off = eval_settings({"evaluate": {"tasks": ["phenotype"], "controls": False}}, ["brainlm"])
+    assert evaluated_models(off) == ["brainlm"] and task_tables("E", off) == [
+        "E/tasks/brainlm/phenotype.parquet", "E/tasks/baseline/phenotype.parquet"]
+    # the settings the rules pass on are valid EvalSettings (the control switch included)
+    from brainfoundry.evaluate.settings import EvalSettings
+
+    assert EvalSettings.from_dict(off).controls is False
+
+
+def test_external_sites_default_to_the_shards_holdout_sites():
+    ev = eval_settings({"shards": {"holdout_sites": ["NYU", "UM_1"]}}, ["brainlm"])
+    assert ev["external_sites"] == ["NYU", "UM_1"]
+    assert eval_settings({"shards": {"holdout_sites": ["NYU"]}, "evaluate": {"external_sites": []}})[
+        "external_sites"] == []
+    assert eval_settings({})["external_sites"] == []
 
 
 def test_pseudo_label_settings_are_the_lcm_pretraining_ones_with_overrides():
