@@ -125,11 +125,13 @@ def test_ridge_reconstructor_equals_sklearn_ridge_for_each_mask_pattern():
 
 def test_ridge_reconstruction_uses_other_parcels_where_interpolation_cannot():
     """White-noise time courses shared across parcels: no temporal structure, all spatial."""
-    from brainfoundry.evaluate.baselines import RidgeReconstructor, interpolate_masked, select_alpha
+    from brainfoundry.evaluate.baselines import RidgeReconstructor, select_alpha
 
     rng = np.random.default_rng(1)
     mix = rng.normal(size=(3, 20))
-    make = lambda n: (rng.normal(size=(n, 3)) @ mix + 0.2 * rng.normal(size=(n, 20))).astype(np.float32)  # noqa: E731
+    def make(n):
+        return (rng.normal(size=(n, 3)) @ mix + 0.2 * rng.normal(size=(n, 20))).astype(np.float32)
+
     train, val, test = make(2000), make(200), make(200)
     mask = np.zeros_like(test, bool)
     mask[:, rng.permutation(20)[:10]] = True

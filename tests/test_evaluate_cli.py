@@ -183,7 +183,7 @@ def test_random_init_control_is_the_trainers_initial_model_through_the_same_task
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(p, r) for p, r in zip(control.model.parameters(), pretrained.model.parameters()))
 
-    site = sorted(evs.runs["site"].unique())[0]
+    site = min(evs.runs["site"].unique())
     opts = json.dumps({**OPTIONS, "external_sites": [site], "targets": ["diagnosis"],
                        "finetune": {**OPTIONS["finetune"], "targets": ["diagnosis"]}})
     common = ["--shards", str(shards), "--options", opts]

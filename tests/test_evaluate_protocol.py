@@ -205,8 +205,6 @@ def test_log_minmax_refuses_values_it_cannot_log():
 
 def test_normalised_ridge_target_adds_mse_and_keeps_raw_unit_metrics():
     """Ridge is equivariant to an affine change of the target: z-scoring leaves MAE and r as they were."""
-    from brainfoundry.evaluate.protocol import FoldSpec, cross_validate_probe, make_folds
-
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 8))
     y = 30 + 10 * X[:, 0] + rng.normal(size=40)
