@@ -100,7 +100,7 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
     split = "cv_heldout" if label_subjects else "cv"
     pretrain_subjects = (evalset.runs.loc[evalset.runs["split"] == "train", "subject"].astype(str).unique()
                          if "split" in evalset.runs else np.array([], dtype=str))
-    external, ext_note = external_subjects(evalset, settings)
+    external, ext_note = external_subjects(evalset, settings, label_subjects)
     if ext_note:
         notes.append(ext_note)
     # A label-using model (LCM) is tested only on subjects outside the training split ('cv_heldout');
@@ -177,11 +177,13 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
 
 
 # -- external-site validation -----------------------------------------------------------------------
-def external_subjects(evalset: EvalSet, settings: EvalSettings) -> tuple[np.ndarray | None, str | None]:
+def external_subjects(evalset: EvalSet, settings: EvalSettings,
+                      label_subjects=frozenset()) -> tuple[np.ndarray | None, str | None]:
     """Subjects of the external sites (``evaluate.external_sites``), or None and why there are none.
 
     A list naming no site of the data is a note (the external split is then left out; the
-    cross-validation still runs).
+    cross-validation still runs). Subjects whose labels the model saw (``label_subjects``, the LCM's
+    training split) are never external test subjects; with ``shards.holdout_sites`` there are none.
     """
     wanted = [str(s) for s in settings.external_sites or []]
     if not wanted:
@@ -198,6 +200,13 @@ def external_subjects(evalset: EvalSet, settings: EvalSettings) -> tuple[np.ndar
     if len(present) < len(wanted):
         note = f"evaluate.external_sites: {sorted(set(wanted) - set(present))} are not sites in the data"
     ext = site_of.index[site_of.isin(present)].to_numpy().astype(str)
+    seen = np.isin(ext, list(label_subjects))
+    if seen.any():
+        ext = ext[~seen]
+        note = (note + "; " if note else "") + (f"evaluate.external_sites: {int(seen.sum())} external subjects "
+                                                "whose labels the model saw are left out of the external test")
+        if not len(ext):
+            return None, note
     if len(ext) == len(site_of):
         return None, f"evaluate.external_sites {present} hold every subject; no development site is left"
     return ext, note
@@ -267,10 +276,10 @@ def run_finetune(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame,
     adapter.require("finetune", "finetune")
     notes, out = [], []
     subjects = np.array(sorted(evalset.runs["subject"].astype(str).unique()))
-    external, ext_note = external_subjects(evalset, settings)
+    label_subjects = set(adapter.label_subjects)
+    external, ext_note = external_subjects(evalset, settings, label_subjects)
     if ext_note:
         notes.append(ext_note)
-    label_subjects = set(adapter.label_subjects)
     split = "cv_heldout" if label_subjects else "cv"
     for target in settings.finetune.targets:
         try:
