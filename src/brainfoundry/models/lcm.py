@@ -232,12 +232,19 @@ class LCM(FoundationModel):
         self.encoder = Transformer(c.dim, c.encoder_depth, c.heads, c.mlp_ratio, c.dropout) if c.encoder_depth else None
         self.memory_norm = nn.LayerNorm(c.dim)
         self.queries = nn.Parameter(torch.zeros(len(self.layout), c.dim))
+        # No biases in the decoder: an attention key bias gets an exactly-zero gradient (softmax ignores
+        # it), and Adam would turn its rounding noise into full-size steps that differ between DDP layouts.
         self.decoder = nn.ModuleList(
             nn.TransformerDecoderLayer(c.dim, c.heads, int(c.dim * c.mlp_ratio), c.dropout, activation="gelu",
-                                       batch_first=True, norm_first=True) for _ in range(c.depth))
+                                       batch_first=True, norm_first=True, bias=False) for _ in range(c.depth))
         self.decoder_norm = nn.LayerNorm(c.dim)
         self.logit = nn.Linear(c.dim, 1)  # one logit per query, shared over queries (BNDecoder.class_embed)
-        init_weights(self)
+        for part in (self.node_proj, self.encoder, self.memory_norm, self.decoder_norm, self.logit):
+            if part is not None:
+                init_weights(part)
+        for m in self.decoder.modules():  # bias-free: only the linear weights (init_weights expects biases)
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
         for p in (self.node_embed, self.queries):
             nn.init.trunc_normal_(p, std=0.02)
 
