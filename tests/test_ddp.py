@@ -26,8 +26,7 @@ MODELS = {
     "brainlm": dict(window=T, patch_size=10, dim=32, depth=2, heads=4, decoder_dim=16, decoder_depth=1,
                     decoder_heads=2),
     "brainmass": dict(dim=32, depth=2, heads=4, proj_dim=16, proj_hidden=32, ema_momentum=0.9),
-    "lcm": dict(backbone="brainlm", brain=dict(window=T, patch_size=10, dim=32, depth=1, heads=4, decoder_dim=16,
-                                               decoder_depth=1, decoder_heads=2), dim=32, heads=4, fusion_depth=1),
+    "lcm": dict(dim=32, depth=1, heads=4, dropout=0.0),
 }
 
 

@@ -38,8 +38,7 @@ BRAINLM = dict(window=WINDOW, patch_size=20, dim=32, depth=1, heads=4, decoder_d
 BRAINMASS = dict(dim=32, depth=1, heads=4, proj_dim=16, proj_hidden=32)
 # The evaluation's windows fit the synthetic shards' 60-point runs.
 EVAL_OPTIONS = json.dumps({"window": WINDOW, "patch": 20, "context": 20, "horizon": 20, "max_windows_per_run": 1})
-LCM = dict(backbone="brainmass", brain=dict(dim=32, depth=1, heads=4, proj_dim=16, proj_hidden=32), dim=32,
-           heads=4, fusion_depth=1)
+LCM = dict(dim=32, depth=1, heads=4)
 
 
 class Payload:
@@ -333,4 +332,5 @@ def test_export_of_an_lcm_is_an_init_for_finetuning(shards, tmp_path):
           mode="finetune", init=tmp_path / "hub")
     meta = read_model_metadata(tmp_path / "ft" / "model.safetensors")
     assert meta["training"]["mode"] == "finetune"
+    assert meta["pseudo_label_round"]["threshold"] == 0.0 and "counts" in meta["pseudo_label_round"]
     assert meta["data"]["init_sha256"] == read_model_metadata(tmp_path / "hub")["weights"]["sha256"]

@@ -1,4 +1,4 @@
-"""Model families on synthetic tensors: shapes, masks, losses, EMA, env tokens, pseudo-labels, files, FLOPs."""
+"""Model families on synthetic tensors: shapes, masks, losses, EMA, files, FLOPs (LCM specifics: test_lcm.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from brainfoundry.errors import ConfigError, InputError
 from brainfoundry.io import sha256_file
 from brainfoundry.models import FAMILIES, build_model, load_model, read_model_metadata
 from brainfoundry.models.base import masked_mean_per_sample, sample_uniform
-from brainfoundry.models.lcm import assign_pseudo_labels, fit_env_stats, pseudo_labels, value_key
+from brainfoundry.models.lcm import fit_env_stats
 from brainfoundry.pfc import pfc_views_torch
 
 torch.set_num_threads(1)
@@ -39,12 +39,10 @@ def batch(b=4, seed0=0, pfc=True):
     return out
 
 
-def lcm(backbone="brainlm"):
+def lcm():
     env = fit_env_stats(RECORDS, [{"name": "age", "kind": "continuous"}, {"name": "sex", "kind": "categorical"},
                                   {"name": "diagnosis", "kind": "categorical"}, {"name": "site", "kind": "categorical"}])
-    brain = {k: v for k, v in (BRAINLM if backbone == "brainlm" else BRAINMASS).items() if k != "n_parcels"}
-    return build_model("lcm", dict(n_parcels=N, backbone=backbone, brain=brain, dim=32, heads=4, fusion_depth=1,
-                                   env=env), coords=coords())
+    return build_model("lcm", dict(n_parcels=N, dim=32, heads=4, depth=2, env=env), coords=coords())
 
 
 # -- common interface ------------------------------------------------------------------------------------
@@ -267,88 +265,6 @@ def test_brainmass_ema_target():
     assert again.momentum == model.momentum
     model.on_step_end(1.0)
     assert model.momentum == 1.0
-
-
-# -- LCM ------------------------------------------------------------------------------------------------------
-def test_fit_env_stats_uses_only_the_given_records_and_skips_unusable():
-    specs = [{"name": "age", "kind": "continuous"}, {"name": "sex", "kind": "categorical"},
-             {"name": "iq", "kind": "continuous"}, {"name": "site", "kind": "categorical"}]
-    with pytest.warns(UserWarning) as caught:
-        fitted = fit_env_stats({**RECORDS, "site": ["A", "A", None, "A"]}, specs)
-    messages = " ".join(str(w.message) for w in caught)
-    assert "'iq' is not a column" in messages and "'site' has 1 class" in messages
-    names = [f["name"] for f in fitted]
-    assert names == ["age", "sex"]  # iq: no column; site: one class only
-    assert fitted[0]["mean"] == pytest.approx(30.0) and fitted[0]["std"] == pytest.approx(np.std([20, 30, 40]))
-    assert fitted[1]["classes"] == ["F", "M"]
-    assert value_key(1.0) == value_key(1) == value_key("1") == "1"
-    assert value_key(float("nan")) is None and value_key(-1) is None and value_key("n/a") is None
-
-
-def test_lcm_missing_values_are_masked_not_imputed():
-    model = lcm()
-    b = {"age": [25.0, float("nan")], "sex": ["M", "X"], "diagnosis": [None, "TD"]}
-    values, observed = model.env_values(b, 2)
-    assert observed.tolist() == [[True, True, False, False], [False, False, True, False]]  # site absent, X unseen
-    assert values[0, 0] == pytest.approx((25.0 - 30.0) / np.std([20, 30, 40]))
-
-
-def test_lcm_encode_ignores_phenotypes():
-    model = lcm().eval()
-    b = batch(pfc=False)
-    a = model.encode({**b, **RECORDS})
-    other = {"age": [90.0] * 4, "sex": ["F"] * 4, "diagnosis": ["TD"] * 4, "site": ["B"] * 4}
-    torch.testing.assert_close(a["pooled"], model.encode({**b, **other})["pooled"])
-
-
-def test_lcm_env_targets_only_where_observed():
-    """The env loss only scores observed values: with no phenotype at all it is exactly 0."""
-    model = lcm()
-    loss, metrics = model.loss(batch(pfc=False))
-    assert float(metrics["env_loss"]) == 0.0
-    assert float(metrics["brain_loss"]) > 0
-    _, metrics = model.loss({**batch(pfc=False), **RECORDS, "seed": torch.tensor([1, 2, 3, 4])})
-    assert float(metrics["env_loss"]) > 0
-
-
-def test_lcm_needs_fitted_stats():
-    with pytest.raises(ConfigError, match="training-split statistics"):
-        build_model("lcm", dict(n_parcels=N, brain={k: v for k, v in BRAINLM.items() if k != "n_parcels"},
-                                dim=32, heads=4))
-
-
-def test_pseudo_labels_only_confident():
-    probs = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.1, 0.9], [0.5, 0.5]])
-    labels, conf = pseudo_labels(probs, 0.9)
-    assert labels.tolist() == [0, -1, 1, -1]
-    torch.testing.assert_close(conf, torch.tensor([0.95, 0.6, 0.9, 0.5]))
-    assert pseudo_labels(probs, 0.0)[0].tolist() == [0, 0, 1, 0]
-
-
-def test_assign_pseudo_labels_only_unlabeled_confident_training_runs():
-    model = lcm()
-    j, spec = model.spec("diagnosis")
-    # A head that is certain of class 1 for every run, whatever the input.
-    with torch.no_grad():
-        model.heads[j].weight.zero_()
-        model.heads[j].bias.copy_(torch.tensor([-10.0, 10.0]))
-    b = batch(b=4, pfc=False)
-    b.update(diagnosis=["ASD", None, None, None], split=["train", "train", "test", "train"],
-             run_id=["r0", "r1", "r2", "r3"])
-    found = assign_pseudo_labels(model, [b], "diagnosis", threshold=0.99)
-    assert sorted(found) == ["r1", "r3"]  # r0 has a true label, r2 is a test run
-    assert all(label == 1 and conf > 0.99 for label, conf in found.values())
-    with torch.no_grad():
-        model.heads[j].bias.zero_()  # 50/50: nothing is confident
-    assert assign_pseudo_labels(model, [b], "diagnosis", threshold=0.6) == {}
-    with pytest.raises(ConfigError, match="categorical"):
-        assign_pseudo_labels(model, [b], "age", threshold=0.5)
-
-
-def test_lcm_brainmass_backbone():
-    model = lcm("brainmass")
-    loss, metrics = model.loss({**batch(), **RECORDS})
-    assert torch.isfinite(loss) and "brain_align" in metrics
 
 
 # -- files ------------------------------------------------------------------------------------------------------

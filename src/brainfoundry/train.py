@@ -92,9 +92,11 @@ class TrainConfig:
     peak_flops: float = 0.0
     # -- fine-tuning (``--mode finetune``, LCM only) --
     target: str = "diagnosis"
+    #: A pseudo-label needs the target head's top class probability to reach this.
     threshold: float = 0.9
+    #: "equal": as many pseudo-labels per class (the most confident), "none": every confident one.
+    pseudo_balance: str = "equal"
     pseudo_weight: float = 1.0
-    context: list = dataclasses.field(default_factory=list)
     #: Fraction of training subjects whose ``target`` label the trainer may see, in pretraining and
     #: fine-tuning alike; the others' label is hidden (chosen per subject by a seeded hash), so that the
     #: pseudo-label pass has unlabelled training runs to label, as in the LCM's semi-supervised setting.
@@ -116,6 +118,8 @@ class TrainConfig:
             raise ConfigError("trainer.short_runs", f"must be 'skip' or 'pad', got {self.short_runs!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError("trainer.threshold", f"must be in [0, 1], got {self.threshold}")
+        if self.pseudo_balance not in ("equal", "none"):
+            raise ConfigError("trainer.pseudo_balance", f"must be 'equal' or 'none', got {self.pseudo_balance!r}")
         if not 0.0 <= self.label_fraction <= 1.0:
             raise ConfigError("trainer.label_fraction", f"must be in [0, 1], got {self.label_fraction}")
 
@@ -502,6 +506,9 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
     model = build_model(family, model_cfg, coords=source.parcel_coords)
     if init_payload is not None:
         model.load_state_dict(init_payload["state_dict"])
+    if mode == "finetune":
+        model = _finetune_queries(model, source, cfg, log)
+        model_cfg = model.config
     model.to(device)
     # After the weights: per-rank streams for anything random outside the per-sample seeds (dropout).
     torch.manual_seed(cfg.seed + dist.rank)
@@ -515,11 +522,12 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
         f"device {device}; world size {dist.world_size}; global batch {cfg.batch_size}")
 
     pseudo: dict[str, tuple[int, float]] = {}
+    pseudo_round: dict[str, Any] | None = None
     if mode == "finetune":
-        pseudo = _pseudo_label_pass(model, source, cfg, dist, local_bs, env_names)
-        hidden = len(getattr(source, "_hidden", ()))
-        log(f"[lcm] {len(pseudo)} pseudo-labels for {cfg.target!r} at threshold {cfg.threshold} "
-            f"({hidden} training runs with the label hidden, label_fraction {cfg.label_fraction})")
+        pseudo, pseudo_round = _pseudo_label_pass(model, source, cfg, dist, local_bs, env_names)
+        log(f"[lcm] {pseudo_round['n_assigned']} pseudo-labels for {cfg.target!r} of {pseudo_round['n_unlabelled']} "
+            f"unlabelled training runs (threshold {cfg.threshold}: {pseudo_round['n_confident']} confident; balance "
+            f"{cfg.pseudo_balance}: {pseudo_round['counts']}; label_fraction {cfg.label_fraction})")
 
     # -- resume ------------------------------------------------------------------------------------------------
     start_step, history = 0, []
@@ -551,6 +559,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
             set_rng_state(ckpt["rng"][dist.rank])
             train_loader.load_state_dict(ckpt["data"])
             pseudo = {k: tuple(v) for k, v in ckpt.get("pseudo_labels", {}).items()} or pseudo
+            pseudo_round = ckpt.get("pseudo_round", pseudo_round)
             start_step, history = int(ckpt["step"]), list(ckpt["history"])
             log(f"[{family}] resumed from {resume_from} at step {start_step}")
 
@@ -577,7 +586,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
                 **model.payload(), "kind": "checkpoint", "step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rngs, "data": data_state, "history": history,
                 "train_config": fingerprint, "world_size": dist.world_size, "parcel_names": source.parcel_names,
-                "pseudo_labels": pseudo})
+                "pseudo_labels": pseudo, "pseudo_round": pseudo_round})
             write_metrics_csv(history, out / "metrics.csv")
 
     def raise_if_nonfinite(flagged: tuple[int, torch.Tensor, list[str]] | None) -> None:
@@ -678,7 +687,8 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
                          "init_sha256": init_payload["weights"]["sha256"] if init_payload else None},
                    training={"family": family, "mode": mode, "steps": cfg.steps, "world_size": dist.world_size,
                              "final": summary["final"]},
-                   pseudo_labels={k: [int(v[0]), float(v[1])] for k, v in pseudo.items()})
+                   pseudo_labels={k: [int(v[0]), float(v[1])] for k, v in pseudo.items()},
+                   pseudo_label_round=pseudo_round)
         write_metrics_csv(history, out / "metrics.csv")
         plot_learning_curve(history, out / "learning_curve.png", f"{family} ({model.num_parameters():,} parameters)")
         write_json_atomic(out / "summary.json", summary)
@@ -703,16 +713,12 @@ def _norm_stats_record(source: Any) -> dict[str, Any] | None:
 def _model_window(family: str, values: Mapping[str, Any], cfg: TrainConfig) -> int:
     if family == "brainlm":
         return int(values.get("window", 200))
-    if family == "lcm" and values.get("backbone", "brainlm") == "brainlm":
-        return int(dict(values.get("brain") or {}).get("window", 200))
     return cfg.window
 
 
 def _needs_pfc(family: str, values: Mapping[str, Any]) -> bool:
     if family == "brainmass":
         return values.get("views", "stored") == "stored"
-    if family == "lcm" and values.get("backbone", "brainlm") == "brainmass":
-        return dict(values.get("brain") or {}).get("views", "stored") == "stored"
     return False
 
 
@@ -746,9 +752,29 @@ def _validate(model: FoundationModel, source: Any, cfg: TrainConfig, dist: Dist,
     return total / count if count else float("nan")
 
 
-def _pseudo_label_pass(model, source, cfg: TrainConfig, dist: Dist, local_bs: int, env_names) -> dict[str, tuple[int, float]]:
-    """Pseudo-labels for unlabeled training runs from the pretrained target head (every rank's share)."""
-    from brainfoundry.models.lcm import assign_pseudo_labels
+def _finetune_queries(model, source, cfg: TrainConfig, log) -> FoundationModel:
+    """The pretrained LCM with queries for the fine-tuning target: the pretrained ones where the target
+    (and class) is known, new ones for a new target or class (classes from the training split)."""
+    from brainfoundry.models.lcm import fit_env_stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = fit_env_stats(source.env_records("train"), [{"name": cfg.target, "kind": "categorical"}])
+    if not fitted:
+        raise ConfigError("trainer.target", f"{cfg.target!r} has fewer than two classes among the training split's runs")
+    known = {s.name for s in model.specs}
+    extended = model.with_targets(fitted)
+    added = len(extended.layout) - len(model.layout)
+    log(f"[lcm] fine-tuning {cfg.target!r}: {'pretrained' if cfg.target in known else 'new'} target, "
+        f"{added} new queries, {len(extended.layout)} in all")
+    return extended
+
+
+def _pseudo_label_pass(model, source, cfg: TrainConfig, dist: Dist, local_bs: int,
+                       env_names) -> tuple[dict[str, tuple[int, float]], dict[str, Any]]:
+    """The semi-supervised round: confident, class-balanced pseudo-labels for unlabelled training runs
+    (every rank's share gathered first), and its record for the model file."""
+    from brainfoundry.models.lcm import assign_pseudo_labels, balance_pseudo_labels
 
     loader = source.loader("train", dist.rank, dist.world_size, local_bs, train=False)
 
@@ -758,11 +784,19 @@ def _pseudo_label_pass(model, source, cfg: TrainConfig, dist: Dist, local_bs: in
             batch.update(source.env_values(batch["run_id"], env_names))
             yield batch
 
-    found = assign_pseudo_labels(model, batches(), cfg.target, cfg.threshold, context=cfg.context)
-    merged: dict[str, tuple[int, float]] = {}
-    for part in _gather(found, dist):
-        merged.update(part)
-    return merged
+    found, n_unlabelled = assign_pseudo_labels(model, batches(), cfg.target, cfg.threshold)
+    confident: dict[str, tuple[int, float]] = {}
+    parts = _gather((found, n_unlabelled), dist)
+    for part, _ in parts:
+        confident.update(part)
+    n_unlabelled = sum(n for _, n in parts)
+    _, spec = model.spec(cfg.target)
+    kept = balance_pseudo_labels(confident, len(spec.classes), cfg.pseudo_balance)
+    counts = {c: sum(1 for v in kept.values() if v[0] == i) for i, c in enumerate(spec.classes)}
+    record = {"target": cfg.target, "threshold": cfg.threshold, "balance": cfg.pseudo_balance,
+              "n_unlabelled": n_unlabelled, "n_confident": len(confident), "n_assigned": len(kept),
+              "counts": counts, "classes": list(spec.classes)}
+    return kept, record
 
 
 def _finetune_labels(model, batch: Mapping[str, Any], cfg: TrainConfig, pseudo: Mapping[str, tuple[int, float]],
@@ -781,8 +815,7 @@ def _finetune_labels(model, batch: Mapping[str, Any], cfg: TrainConfig, pseudo: 
         else:
             labels.append(-1)
             weights.append(0.0)
-    return {"target": cfg.target, "labels": torch.tensor(labels), "weights": torch.tensor(weights),
-            "context": list(cfg.context)}
+    return {"target": cfg.target, "labels": torch.tensor(labels), "weights": torch.tensor(weights)}
 
 
 # -- command line ----------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ Each wraps a model file (``results/models/<family>/model.safetensors`` with its 
   are dropped before the encoder).
 - BrainMass: the FC of the whole run (``x`` without stored views: the model computes it), ROI tokens
   as parcel embeddings; no time-series decoder, so no reconstruction or forecasting.
-- LCM: the brain-only embedding (environment tokens masked); reconstruction and forecasting through
-  its BrainLM backbone when it has one; the training split's subjects are its label subjects (it saw
-  their phenotypes), kept out of test folds.
+- LCM: the FC of the whole run; pooled = mean of its query outputs, parcel embeddings = its node
+  tokens; its query heads predict the phenotypes; no time-series decoder. The training split's
+  subjects are its label subjects (it saw their phenotypes), kept out of test folds.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class TorchModelAdapter(ModelAdapter):
         self.batch_size = batch_size
         self.label_subjects = frozenset(map(str, label_subjects))
         cfg = model.config
-        brain = model.brain if self.family == "lcm" else model
+        brain = model
         self.embedding_dim = int(cfg.dim)
         caps = {"embed", "parcel_embed", "finetune"}
         if brain.family == "brainlm":
@@ -65,7 +65,7 @@ class TorchModelAdapter(ModelAdapter):
             self.min_length = self.window
             self.patch = int(brain.config.patch_size)
             caps |= {"reconstruct", "forecast"}
-        else:  # BrainMass reads a connectivity matrix: any series long enough for a correlation
+        else:  # BrainMass and the LCM read a connectivity matrix: any series long enough for a correlation
             self.window = None
             self.min_length = 20
             self.patch = None
@@ -109,7 +109,7 @@ class TorchModelAdapter(ModelAdapter):
         return _Pooled.make(self.model)
 
     def env_predict(self, windows: np.ndarray) -> dict[str, np.ndarray]:
-        """The LCM's phenotype heads on brain input only (no other variable as context)."""
+        """The LCM's query heads on the FC of each window (no phenotype is read)."""
         import torch
 
         with torch.no_grad():
@@ -141,4 +141,6 @@ def load_adapter(family: str, checkpoint: str | Path, evalset: EvalSet, name: st
     adapter = TorchModelAdapter(model, name or family, label_subjects=labels, device=device)
     # A model file from the trainer's pseudo-label fine-tuning (LCM): its target head is fine-tuned.
     adapter.finetuned_target = train_config.get("target") if train_config.get("mode") == "finetune" else None
+    # The semi-supervised round's record (threshold, balance, counts): a round that labelled nobody is reported.
+    adapter.pseudo_round = payload.get("pseudo_label_round")
     return adapter

@@ -163,6 +163,10 @@ def run(evalset: EvalSet, settings: EvalSettings, folds: pd.DataFrame, adapter: 
         notes += enotes
         out.append(rows)
     for ft in finetuned:
+        reason = pseudo_label_skip_reason(ft)
+        if reason:
+            notes.append(reason)
+            continue
         rows, enotes = env_heads_heldout(ft, evalset, settings, [ft.finetuned_target])
         notes += enotes
         out.append(rows)
@@ -435,6 +439,23 @@ def _bootstrap_rows(y, pred, score, classification, level=0.95, n_boot=500, seed
 def _heldout_subjects(evalset: EvalSet, settings: EvalSettings) -> np.ndarray:
     runs = evalset.runs
     return runs.loc[runs["split"].astype(str) == settings.heldout_split, "subject"].astype(str).unique()
+
+
+def pseudo_label_skip_reason(adapter) -> str | None:
+    """Why a pseudo-label fine-tuned model gives no row: a family without query heads, or a
+    semi-supervised round that labelled nobody (its record in the model file says why)."""
+    target = getattr(adapter, "finetuned_target", None)
+    if "env_heads" not in adapter.capabilities:
+        return (f"{target}/pseudo_label_finetune: model '{adapter.name}' ({getattr(adapter, 'family', '?')}) has no "
+                "phenotype query head; pseudo-label fine-tuning needs an LCM")
+    record = getattr(adapter, "pseudo_round", None)
+    # No unlabelled training run at all: nothing to label, the fine-tune used the true labels (a row).
+    if record and int(record.get("n_unlabelled", 0)) > 0 and int(record.get("n_assigned", 0)) == 0:
+        hint = "lower trainer.threshold" + (" or set trainer.pseudo_balance: none" if record.get("balance") != "none" else "")
+        return (f"{target}/pseudo_label_finetune: the pseudo-label round labelled nobody ({record.get('n_confident')} of "
+                f"{record.get('n_unlabelled')} unlabelled training runs reached threshold {record.get('threshold')}, "
+                f"balance {record.get('balance')!r}); {hint}")
+    return None
 
 
 def env_heads_heldout(adapter, evalset: EvalSet, settings: EvalSettings, targets: Sequence[str]):

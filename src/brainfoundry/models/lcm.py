@@ -1,25 +1,25 @@
-"""Large Connectome Model: brain tokens plus tokenized environment variables, multitask pretraining.
+"""Large Connectome Model in its published form (Chrisa142857/brain_network_decoder, ``BNDecoder``).
 
-A brain backbone (:class:`~brainfoundry.models.brainlm.BrainLM` or
-:class:`~brainfoundry.models.brainmass.BrainMass`) runs its own self-supervised objective and hands
-over one token per parcel (``[B, N, D]``). Environment variables from the phenotype columns (age,
-sex, site, diagnosis, behavioural scores) become one token each: a continuous value is standardised
-with the training split's mean and standard deviation and mapped linearly; a categorical value is
-looked up in a per-variable embedding over the classes seen in the training split. Every token gets
-its variable's embedding. A missing value (NaN, None, empty, ``-1`` codes, a class never seen in
-training) is *masked*, never imputed: it becomes the variable's mask token and is never a target.
+Node tokens are the rows of the run's Fisher-z functional connectivity (any atlas: the model computes
+``arctanh(corr)`` of the window it is given, so it reads the same ``x`` as every family). A decoder of
+learned *query tokens* cross-attends to them: one query per class of every categorical target (sex,
+diagnosis, ...) and one per continuous target (age); a shared linear layer turns every query's output
+into one logit. A categorical target's class probabilities are the softmax over its own queries'
+logits; a continuous target's (standardised) value is its query's logit.
 
-Pretraining hides each observed variable with probability ``env_mask_prob`` and predicts it from the
-brain tokens and the other visible variables through a small fusion transformer (MSE on the
-standardised value, cross-entropy for classes). The loss is ``w_brain * backbone loss + w_env *
-environment loss``; the environment loss is summed over hidden (sample, variable) slots and divided
-by ``B * V``, so it does not depend on how a batch is split across DDP ranks.
+Pretraining is multitask over every labelled target at once: each (sample, target) slot with an
+observed label adds its loss (cross-entropy or MSE on the standardised value), slots without a label
+are masked, never imputed; as in DETR (``return_intermediate``) every decoder layer's output is
+scored. The sum is divided by ``B * V`` so it does not depend on how a batch is split over DDP ranks.
 
-Semi-supervised fine-tuning (:func:`assign_pseudo_labels`, :meth:`LCM.finetune_loss`, the trainer's
-``--mode finetune``): the pretrained head of a categorical target predicts unlabeled training runs;
-predictions whose top probability reaches a threshold become pseudo-labels (:func:`pseudo_labels`),
-and the model is then fine-tuned on true plus pseudo labels. Only training-split runs ever get a
-pseudo-label; statistics and classes come from the training split only.
+Fine-tuning (:meth:`LCM.with_targets`) keeps the pretrained queries of known labels and adds fresh
+queries for new targets or new classes, as ``BNDecoder.add_token`` does. The semi-supervised round
+(:func:`assign_pseudo_labels`, :func:`balance_pseudo_labels`) gives unlabelled *training* runs the
+head's class where its probability reaches a threshold, then keeps the same number per class (most
+confident first) so the round does not amplify the majority class; the trainer records threshold,
+balance and counts in the model file.
+
+Target statistics (mean/std, classes) come from the training split only (:func:`fit_env_stats`).
 """
 
 from __future__ import annotations
@@ -35,21 +35,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainfoundry.errors import ConfigError
-from brainfoundry.models.base import (FoundationModel, ModelConfig, Transformer, _check_heads, init_weights,
-                                      sample_uniform)
+from brainfoundry.models.base import FoundationModel, ModelConfig, Transformer, _check_heads, init_weights
 
 KINDS = ("continuous", "categorical")
+BALANCES = ("equal", "none")
 _MISSING_TEXT = {"", "nan", "none", "n/a", "na", "null", "-1", "-9999"}
 
 
 def default_env() -> list[dict[str, Any]]:
-    return [{"name": "age", "kind": "continuous"}, {"name": "sex", "kind": "categorical"},
-            {"name": "diagnosis", "kind": "categorical"}, {"name": "site", "kind": "categorical"}]
+    # The published pretraining targets: every dataset's class label, plus sex and age.
+    return [{"name": "diagnosis", "kind": "categorical"}, {"name": "sex", "kind": "categorical"},
+            {"name": "age", "kind": "continuous"}]
 
 
 @dataclasses.dataclass
 class EnvSpec:
-    """One environment variable: its batch field, kind, loss weight and training-split statistics."""
+    """One target: its batch field, kind, loss weight and training-split statistics."""
 
     name: str
     kind: str
@@ -139,35 +140,52 @@ def fit_env_stats(records: Mapping[str, Sequence[Any]], specs: Sequence[Mapping[
     return fitted
 
 
+def merge_env(old: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` targets with ``new`` ones added: a known categorical target keeps its classes (and their
+    order, so its queries keep their meaning) and gains any new class at the end; a new target is appended."""
+    out = [dict(e) for e in old]
+    by_name = {e["name"]: e for e in out}
+    for entry in new:
+        have = by_name.get(entry["name"])
+        if have is None:
+            out.append(dict(entry))
+            by_name[entry["name"]] = out[-1]
+        elif have["kind"] != entry["kind"]:
+            raise ConfigError("trainer.target", f"{entry['name']!r} is {have['kind']} in the pretrained model, "
+                                                f"{entry['kind']} here")
+        elif have["kind"] == "categorical":
+            have["classes"] = list(have["classes"]) + [c for c in entry["classes"] if c not in have["classes"]]
+    return out
+
+
+def fisher_z_fc(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Fisher-z FC ``[B, N, N]`` of series ``[B, T, N]``; the diagonal (z = inf) is set to 0."""
+    x = x.float()
+    x = x - x.mean(1, keepdim=True)
+    x = x / (x.norm(dim=1, keepdim=True) + eps)
+    r = (x.transpose(1, 2) @ x).clamp(-0.999, 0.999)
+    z = torch.atanh(r)
+    return z * (1.0 - torch.eye(z.shape[-1], device=z.device, dtype=z.dtype))
+
+
 @dataclasses.dataclass
 class LCMConfig(ModelConfig):
     n_parcels: int = 424
-    #: The brain encoder: "brainlm" (time-series patches) or "brainmass" (pFC rows).
-    backbone: str = "brainlm"
-    #: The backbone's config (its ``n_parcels`` is this config's).
-    brain: dict = dataclasses.field(default_factory=dict)
-    dim: int = 256
-    fusion_depth: int = 2
-    heads: int = 8
+    #: Width of node and query tokens.
+    dim: int = 128
+    #: Decoder layers (query self-attention, cross-attention to the node tokens, MLP).
+    depth: int = 2
+    #: Self-attention layers over the node tokens before the decoder (0: the FC rows projected, as the
+    #: published identity backbone).
+    encoder_depth: int = 0
+    heads: int = 4
     mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    #: Environment variables: dicts with name, kind (continuous/categorical), optional weight; the
-    #: trainer adds training-split statistics (mean/std, classes) before the model is built.
+    dropout: float = 0.1
+    #: Targets: dicts with name, kind (continuous/categorical), optional weight; the trainer adds the
+    #: training split's statistics (mean/std, classes) before the model is built.
     env: list = dataclasses.field(default_factory=default_env)
-    env_mask_prob: float = 0.5
-    w_brain: float = 1.0
-    w_env: float = 1.0
-
-    def brain_config(self) -> ModelConfig:
-        from brainfoundry.models import FAMILIES
-
-        if self.backbone not in ("brainlm", "brainmass"):
-            raise ConfigError("model.backbone", f"must be 'brainlm' or 'brainmass', got {self.backbone!r}")
-        values = dict(self.brain)
-        if values.get("n_parcels", self.n_parcels) != self.n_parcels:
-            raise ConfigError("model.brain.n_parcels", f"{values['n_parcels']} differs from the LCM's {self.n_parcels}")
-        values["n_parcels"] = self.n_parcels
-        return FAMILIES[self.backbone][0].from_dict(values, key="model.brain")
+    #: Score every decoder layer's output (DETR's auxiliary losses), not just the last.
+    deep_supervision: bool = True
 
     def env_specs(self) -> list[EnvSpec]:
         return [EnvSpec.from_dict(e) for e in self.env]
@@ -175,13 +193,18 @@ class LCMConfig(ModelConfig):
     def validate(self) -> None:
         super().validate()
         _check_heads("model.heads", self.dim, self.heads)
-        self.brain_config()
-        specs = self.env_specs()
-        names = [s.name for s in specs]
+        if self.depth < 1 or self.encoder_depth < 0:
+            raise ConfigError("model.depth", f"need depth >= 1 and encoder_depth >= 0, got {self.depth}, {self.encoder_depth}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
+        names = [s.name for s in self.env_specs()]
         if len(set(names)) != len(names):
             raise ConfigError("model.env", f"duplicate variable names {names}")
-        if not 0.0 <= self.env_mask_prob <= 1.0:
-            raise ConfigError("model.env_mask_prob", f"must be in [0, 1], got {self.env_mask_prob}")
+
+
+def query_layout(specs: Sequence[EnvSpec]) -> list[tuple[str, str | None]]:
+    """One ``(target, class)`` per query: a class per categorical target, ``(name, None)`` per continuous one."""
+    return [(s.name, c) for s in specs for c in (s.classes if s.kind == "categorical" else [None])]
 
 
 class LCM(FoundationModel):
@@ -190,55 +213,54 @@ class LCM(FoundationModel):
 
     def __init__(self, config: LCMConfig):
         super().__init__(config)
-        from brainfoundry.models import FAMILIES
-
         c = config
         self.specs = c.env_specs()
         if not self.specs:
-            raise ConfigError("model.env", "the LCM needs at least one environment variable")
+            raise ConfigError("model.env", "the LCM needs at least one target")
         unfitted = [s.name for s in self.specs if not s.fitted]
         if unfitted:
             raise ConfigError("model.env", f"variables {unfitted} have no training-split statistics; fit them with "
                                            "brainfoundry.models.lcm.fit_env_stats (the trainer does) before building")
-        brain_cfg = c.brain_config()
-        self.brain = FAMILIES[c.backbone][1](brain_cfg)
-        brain_dim = brain_cfg.dim
-        v = len(self.specs)
-        self.brain_proj = nn.Linear(brain_dim, c.dim)
-        self.brain_type = nn.Parameter(torch.zeros(1, 1, c.dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
-        self.var_embed = nn.Parameter(torch.zeros(v, c.dim))
-        self.env_mask_token = nn.Parameter(torch.zeros(v, c.dim))
-        self.value_embed = nn.ModuleList(
-            nn.Linear(1, c.dim) if s.kind == "continuous" else nn.Embedding(s.n_out, c.dim) for s in self.specs)
-        self.fusion = Transformer(c.dim, c.fusion_depth, c.heads, c.mlp_ratio, c.dropout)
-        self.heads = nn.ModuleList(nn.Linear(c.dim, s.n_out) for s in self.specs)
-        init_weights(self.brain_proj)
-        init_weights(self.value_embed)
-        init_weights(self.fusion)
-        init_weights(self.heads)
-        for p in (self.brain_type, self.cls_token, self.var_embed, self.env_mask_token):
+        self.layout = query_layout(self.specs)
+        self.slices = []
+        start = 0
+        for s in self.specs:
+            self.slices.append(slice(start, start + s.n_out))
+            start += s.n_out
+        self.node_proj = nn.Linear(c.n_parcels, c.dim)
+        self.node_embed = nn.Parameter(torch.zeros(c.n_parcels, c.dim))  # which parcel a row is
+        self.encoder = Transformer(c.dim, c.encoder_depth, c.heads, c.mlp_ratio, c.dropout) if c.encoder_depth else None
+        self.memory_norm = nn.LayerNorm(c.dim)
+        self.queries = nn.Parameter(torch.zeros(len(self.layout), c.dim))
+        # No biases in the decoder: an attention key bias gets an exactly-zero gradient (softmax ignores
+        # it), and Adam would turn its rounding noise into full-size steps that differ between DDP layouts.
+        self.decoder = nn.ModuleList(
+            nn.TransformerDecoderLayer(c.dim, c.heads, int(c.dim * c.mlp_ratio), c.dropout, activation="gelu",
+                                       batch_first=True, norm_first=True, bias=False) for _ in range(c.depth))
+        self.decoder_norm = nn.LayerNorm(c.dim)
+        self.logit = nn.Linear(c.dim, 1)  # one logit per query, shared over queries (BNDecoder.class_embed)
+        for part in (self.node_proj, self.encoder, self.memory_norm, self.decoder_norm, self.logit):
+            if part is not None:
+                init_weights(part)
+        for m in self.decoder.modules():  # bias-free: only the linear weights (init_weights expects biases)
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+        for p in (self.node_embed, self.queries):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def set_coords(self, coords: Any) -> None:
-        self.brain.set_coords(coords)
-
     def tokens_per_sample(self) -> int:
-        return self.brain.tokens_per_sample() + len(self.specs)
+        return self.config.n_parcels + len(self.layout)
 
     def input_keys(self) -> tuple[str, ...]:
-        return ("x", "mask", "pfc")
-
-    def on_step_end(self, progress: float) -> None:
-        self.brain.on_step_end(progress)
+        return ("x",)
 
     def spec(self, name: str) -> tuple[int, EnvSpec]:
         for j, s in enumerate(self.specs):
             if s.name == name:
                 return j, s
-        raise ConfigError("target", f"{name!r} is not an environment variable of this LCM ({[s.name for s in self.specs]})")
+        raise ConfigError("target", f"{name!r} is not a target of this LCM ({[s.name for s in self.specs]})")
 
-    # environment tokens --------------------------------------------------------------------------
+    # targets -------------------------------------------------------------------------------------------
     @torch.compiler.disable
     def env_values(self, batch: Mapping[str, Any], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised values / class indices ``[B, V]`` (float) and which are observed ``[B, V]``.
@@ -260,125 +282,128 @@ class LCM(FoundationModel):
                 values[:, j] = torch.where(ok, (col - s.mean) / s.std, torch.zeros_like(col))
             else:
                 index = {k: i for i, k in enumerate(s.classes)}
-                codes = [index.get(value_key(r), -1) for r in raw]
-                col = torch.tensor(codes, dtype=torch.float32)
+                col = torch.tensor([index.get(value_key(r), -1) for r in raw], dtype=torch.float32)
                 ok = col >= 0
                 values[:, j] = col.clamp_min(0)
             observed[:, j] = ok
         return values, observed
 
-    def fuse(self, parcels: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Fusion transformer over [CLS, brain tokens, env tokens]; returns its output and each head's."""
-        b = parcels.shape[0]
-        brain = self.brain_proj(parcels) + self.brain_type
-        env = []
-        for j, s in enumerate(self.specs):
-            if s.kind == "continuous":
-                emb = self.value_embed[j](values[:, j:j + 1].to(brain.dtype))
-            else:
-                emb = self.value_embed[j](values[:, j].long())
-            env.append(torch.where(visible[:, j:j + 1], emb, self.env_mask_token[j].to(emb.dtype)) + self.var_embed[j])
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), brain, torch.stack(env, 1)], dim=1)
-        out = self.fusion(tokens)
-        env_out = out[:, -len(self.specs):]
-        return out, [head(env_out[:, j]).float() for j, head in enumerate(self.heads)]
+    # the network ----------------------------------------------------------------------------------------
+    def nodes(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Node tokens ``[B, N, D]`` from the rows of the window's Fisher-z FC."""
+        x = batch["x"]
+        self.check_batch_parcels(x.shape[-1])
+        fc = fisher_z_fc(x).to(self.node_proj.weight.dtype)
+        tokens = self.node_proj(fc) + self.node_embed
+        if self.encoder is not None:
+            tokens = self.encoder(tokens)
+        return self.memory_norm(tokens)
 
-    def _slot_losses(self, preds: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-        """Loss of every (sample, variable) slot ``[B, V]`` (targets read only where used)."""
+    def decode(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """Query outputs of every decoder layer, each ``[B, Q, D]`` (normalised)."""
+        h = self.queries.expand(memory.shape[0], -1, -1)
+        outs = []
+        for layer in self.decoder:
+            h = layer(h, memory)
+            outs.append(self.decoder_norm(h))
+        return outs
+
+    def _slot_losses(self, logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Loss of every (sample, target) slot ``[B, V]`` from one layer's logits ``[B, Q]``."""
         cols = []
         for j, s in enumerate(self.specs):
+            part = logits[:, self.slices[j]]
             if s.kind == "continuous":
-                cols.append((preds[j][:, 0] - values[:, j]) ** 2)
+                cols.append((part[:, 0] - values[:, j]) ** 2)
             else:
-                cols.append(F.cross_entropy(preds[j], values[:, j].long(), reduction="none"))
+                cols.append(F.cross_entropy(part, values[:, j].long(), reduction="none"))
         return torch.stack(cols, 1)
 
-    # the objective -----------------------------------------------------------------------------
     def loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        c = self.config
-        brain_loss, brain_metrics, parcels = self.brain.ssl_forward(batch)
-        b = parcels.shape[0]
-        values, observed = self.env_values(batch, b)
-        hide = observed & (sample_uniform(batch, b, len(self.specs), stream=20) < c.env_mask_prob)
-        values, observed, hide = (t.to(parcels.device) for t in (values, observed, hide))
-        _, preds = self.fuse(parcels, values, observed & ~hide)
-        weights = torch.tensor([s.weight for s in self.specs], device=parcels.device)
-        slots = self._slot_losses(preds, values)
-        env_loss = (torch.where(hide, slots, torch.zeros_like(slots)) * weights).sum() / (b * len(self.specs))
-        loss = c.w_brain * brain_loss + c.w_env * env_loss
-        metrics = {f"brain_{k}": v for k, v in brain_metrics.items()}
-        metrics["brain_loss"] = brain_loss.detach()
-        metrics["env_loss"] = env_loss.detach()
+        """Multitask loss over every observed label (missing labels masked)."""
+        memory = self.nodes(batch)
+        b = memory.shape[0]
+        values, observed = (t.to(memory.device) for t in self.env_values(batch, b))
+        outs = self.decode(memory)
+        layers = outs if self.config.deep_supervision else outs[-1:]
+        weights = torch.tensor([s.weight for s in self.specs], device=memory.device)
+        total = memory.new_zeros(())
+        for h in layers:
+            slots = self._slot_losses(self.logit(h).squeeze(-1).float(), values)
+            total = total + (torch.where(observed, slots, torch.zeros_like(slots)) * weights).sum() / (b * len(self.specs))
+        loss = total / len(layers)
+        logits = self.logit(outs[-1]).squeeze(-1).float()
+        metrics = {"target_loss": loss.detach()}
         with torch.no_grad():
+            slots = self._slot_losses(logits, values)
             for j, s in enumerate(self.specs):
-                n_hidden = hide[:, j].sum().clamp_min(1)
+                n = observed[:, j].sum().clamp_min(1)
                 if s.kind == "continuous":
-                    metrics[f"{s.name}_mse"] = (slots[:, j] * hide[:, j]).sum() / n_hidden
+                    metrics[f"{s.name}_mse"] = (slots[:, j] * observed[:, j]).sum() / n
                 else:
-                    hit = preds[j].argmax(1) == values[:, j].long()
-                    metrics[f"{s.name}_acc"] = (hit & hide[:, j]).sum() / n_hidden
+                    hit = logits[:, self.slices[j]].argmax(1) == values[:, j].long()
+                    metrics[f"{s.name}_acc"] = (hit & observed[:, j]).sum() / n
         return loss, metrics
 
     def forward(self, batch: Mapping[str, Any], finetune: Mapping[str, Any] | None = None):
-        """The pretraining loss, or with ``finetune={"target", "labels", "weights", "context"}`` the
-        fine-tuning loss (one entry point, so DDP wraps both)."""
+        """The pretraining loss, or with ``finetune={"target", "labels", "weights"}`` the fine-tuning loss
+        (one entry point, so DDP wraps both)."""
         if finetune is None:
             return self.loss(batch)
-        return self.finetune_loss(batch, finetune["target"], finetune["labels"], finetune["weights"],
-                                  context=finetune.get("context", ()))
-
-    def _clean_parcels(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        return self.brain.encode(batch)["parcels"]
+        return self.finetune_loss(batch, finetune["target"], finetune["labels"], finetune["weights"])
 
     def encode(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Brain-only embedding: every environment token is masked, so no phenotype leaks into it."""
-        parcels = self._clean_parcels(batch)
-        b, v = parcels.shape[0], len(self.specs)
-        zeros = torch.zeros(b, v, device=parcels.device)
-        out, _ = self.fuse(parcels, zeros, torch.zeros(b, v, dtype=torch.bool, device=parcels.device))
-        n = self.config.n_parcels
-        return {"pooled": out[:, 0], "tokens": out[:, 1:1 + n], "parcels": out[:, 1:1 + n]}
+        """Pooled = mean of the last layer's query outputs; tokens/parcels = the node tokens (no label is read)."""
+        memory = self.nodes(batch)
+        queries = self.decode(memory)[-1]
+        return {"pooled": queries.mean(1), "tokens": memory, "parcels": memory, "queries": queries}
 
-    def predict_env(self, batch: Mapping[str, Any], context: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-        """Predictions of every variable from the brain (plus the ``context`` variables as input).
+    def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self.logit(self.decode(self.nodes(batch))[-1]).squeeze(-1).float()
 
-        Continuous: values in original units ``[B]``; categorical: class probabilities ``[B, C]`` in
-        the order of the variable's ``classes``. A variable is never its own input.
-        """
-        parcels = self._clean_parcels(batch)
-        b = parcels.shape[0]
-        values, observed = self.env_values(batch, b)
-        use = torch.tensor([s.name in set(context) for s in self.specs], dtype=torch.bool)
-        values, visible = values.to(parcels.device), (observed & use).to(parcels.device)
+    def predict_env(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Every target from the FC alone: continuous in original units ``[B]``; categorical: class
+        probabilities ``[B, C]`` in the order of the target's ``classes``."""
+        logits = self.logits(batch)
         out = {}
         for j, s in enumerate(self.specs):
-            vis = visible.clone()
-            vis[:, j] = False
-            _, preds = self.fuse(parcels, values, vis)
-            out[s.name] = preds[j][:, 0] * s.std + s.mean if s.kind == "continuous" else preds[j].softmax(-1)
+            part = logits[:, self.slices[j]]
+            out[s.name] = part[:, 0] * s.std + s.mean if s.kind == "continuous" else part.softmax(-1)
         return out
 
-    def finetune_loss(self, batch: Mapping[str, Any], target: str, labels: torch.Tensor, weights: torch.Tensor,
-                      context: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted cross-entropy of the ``target`` head on class indices ``labels`` (``-1`` = none).
+    def finetune_loss(self, batch: Mapping[str, Any], target: str, labels: torch.Tensor,
+                      weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted cross-entropy of the ``target`` queries on class indices ``labels`` (``-1`` = none).
 
         Summed over labelled samples and divided by the batch size (DDP-invariant).
         """
         j, s = self.spec(target)
         if s.kind != "categorical":
-            raise ConfigError("target", f"fine-tuning with pseudo-labels needs a categorical target, {target!r} is {s.kind}")
-        parcels = self._clean_parcels(batch)
-        b = parcels.shape[0]
-        values, observed = self.env_values(batch, b)
-        use = torch.tensor([n.name in set(context) and n.name != target for n in self.specs], dtype=torch.bool)
-        _, preds = self.fuse(parcels, values.to(parcels.device), (observed & use).to(parcels.device))
-        labels, weights = labels.to(parcels.device), weights.to(parcels.device).float()
+            raise ConfigError("trainer.target", f"fine-tuning with pseudo-labels needs a categorical target, "
+                                                f"{target!r} is {s.kind}")
+        logits = self.logits(batch)[:, self.slices[j]]
+        b = logits.shape[0]
+        labels, weights = labels.to(logits.device), weights.to(logits.device).float()
         has = labels >= 0
-        ce = F.cross_entropy(preds[j], labels.clamp_min(0), reduction="none")
+        ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
         loss = (ce * weights * has).sum() / b
         with torch.no_grad():
-            acc = ((preds[j].argmax(1) == labels) & has).sum() / has.sum().clamp_min(1)
+            acc = ((logits.argmax(1) == labels) & has).sum() / has.sum().clamp_min(1)
         return loss, {"ce": loss.detach(), "acc": acc, "n_labelled": has.sum().float()}
+
+    def with_targets(self, env: Sequence[Mapping[str, Any]]) -> "LCM":
+        """A copy whose targets are ``merge_env(self.config.env, env)``: the pretrained queries of known
+        (target, class) pairs are reused, queries for new targets or classes are new (fresh init)."""
+        merged = merge_env(self.config.env, env)
+        new = LCM(self.config.replace(env=merged))
+        state = {k: v for k, v in self.state_dict().items() if k != "queries"}
+        new.load_state_dict(state, strict=False)
+        old_index = {key: i for i, key in enumerate(self.layout)}
+        with torch.no_grad():
+            for i, key in enumerate(new.layout):
+                if key in old_index:
+                    new.queries[i] = self.queries[old_index[key]]
+        return new.to(self.queries.device)
 
 
 # -- pseudo-labels -----------------------------------------------------------------------------------
@@ -393,21 +418,43 @@ def pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
     return torch.where(conf >= threshold, label, torch.full_like(label, -1)), conf
 
 
+def balance_pseudo_labels(found: Mapping[str, tuple[int, float]], n_classes: int,
+                          balance: str = "equal") -> dict[str, tuple[int, float]]:
+    """Class balance of confident pseudo-labels: ``"equal"`` keeps, per class, the ``k`` most confident
+    runs with ``k`` the count of the rarest class (0 when a class has none: nobody is labelled);
+    ``"none"`` keeps them all."""
+    if balance not in BALANCES:
+        raise ConfigError("trainer.pseudo_balance", f"must be one of {BALANCES}, got {balance!r}")
+    if balance == "none":
+        return dict(found)
+    by_class: dict[int, list[tuple[float, str]]] = {c: [] for c in range(n_classes)}
+    for run_id, (label, conf) in found.items():
+        by_class[int(label)].append((float(conf), str(run_id)))
+    k = min(len(v) for v in by_class.values())
+    out = {}
+    for label, items in by_class.items():
+        for conf, run_id in sorted(items, key=lambda t: (-t[0], t[1]))[:k]:
+            out[run_id] = (label, conf)
+    return out
+
+
 @torch.no_grad()
 def assign_pseudo_labels(model: LCM, batches: Iterable[Mapping[str, Any]], target: str, threshold: float,
-                         context: Sequence[str] = (), split: str = "train",
-                         device: torch.device | str | None = None) -> dict[str, tuple[int, float]]:
-    """Pseudo-labels ``{run_id: (class index, confidence)}`` for unlabeled ``split`` runs.
+                         split: str = "train", device: torch.device | str | None = None
+                         ) -> tuple[dict[str, tuple[int, float]], int]:
+    """Confident predictions ``{run_id: (class index, confidence)}`` for unlabelled ``split`` runs, and
+    how many unlabelled ``split`` runs there were.
 
     Runs that have a true label, runs of another split (no test or validation run is ever labelled)
-    and predictions under ``threshold`` get nothing. Batches need ``run_id`` and ``split`` fields.
+    and predictions under ``threshold`` get nothing. Batches need ``run_id`` (and ``split``) fields.
     """
     j, spec = model.spec(target)
     if spec.kind != "categorical":
-        raise ConfigError("target", f"pseudo-labels need a categorical target, {target!r} is {spec.kind}")
+        raise ConfigError("trainer.target", f"pseudo-labels need a categorical target, {target!r} is {spec.kind}")
     was_training = model.training
     model.eval()
     out: dict[str, tuple[int, float]] = {}
+    n_unlabelled = 0
     try:
         for batch in batches:
             if device is not None:
@@ -415,10 +462,13 @@ def assign_pseudo_labels(model: LCM, batches: Iterable[Mapping[str, Any]], targe
             run_ids = list(batch["run_id"])
             splits = list(batch["split"]) if "split" in batch else [split] * len(run_ids)
             _, observed = model.env_values(batch, len(run_ids))
-            labels, conf = pseudo_labels(model.predict_env(batch, context)[target].float().cpu(), threshold)
+            labels, conf = pseudo_labels(model.predict_env(batch)[target].float().cpu(), threshold)
             for i, run_id in enumerate(run_ids):
-                if splits[i] == split and not bool(observed[i, j]) and int(labels[i]) >= 0:
+                if splits[i] != split or bool(observed[i, j]):
+                    continue
+                n_unlabelled += 1
+                if int(labels[i]) >= 0:
                     out[str(run_id)] = (int(labels[i]), float(conf[i]))
     finally:
         model.train(was_training)
-    return out
+    return out, n_unlabelled
