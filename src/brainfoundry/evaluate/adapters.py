@@ -27,7 +27,8 @@ import pandas as pd
 from brainfoundry.errors import InputError
 from brainfoundry.evaluate.protocol import TaskSkipped
 
-CAPABILITIES = ("embed", "parcel_embed", "reconstruct", "forecast", "finetune", "pseudo_label")
+CAPABILITIES = ("embed", "parcel_embed", "reconstruct", "forecast", "finetune", "pseudo_label", "cls_attention",
+                "forecast_features")
 
 
 class ModelAdapter:

@@ -263,6 +263,44 @@ class BrainLM(FoundationModel):
         loss, metrics, _ = self.ssl_forward(batch)
         return loss, metrics
 
+    def context_features(self, context: torch.Tensor, future_patches: int) -> torch.Tensor:
+        """Encoder tokens ``[B, N, n_context * D]`` of a context window whose last patches are hidden.
+
+        ``context`` is ``[B, T - future_patches * P, N]``; the hidden future is zero-filled and never
+        reaches the encoder. Each parcel's visible tokens (its context patches, in time order) are
+        concatenated: what a forecasting head reads.
+        """
+        c = self.config
+        b, t, n = context.shape
+        x = torch.cat([context, context.new_zeros(b, c.window - t, n)], dim=1)
+        hidden = self.future_mask(b, future_patches).to(x.device)
+        latent, _ = self.encode_tokens(self.patchify(x), hidden)
+        return latent[:, 1:].reshape(b, c.n_parcels, -1)
+
+    def cls_attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax weights ``[B, heads, 1 + L]`` of the CLS query in the encoder's last layer (no masking)."""
+        patches = self.patchify(x)
+        b = patches.shape[0]
+        tokens = self.patch_embed(patches).flatten(1, 2) + self._positions(self.spatial, self.temporal)
+        h = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        blocks = self.encoder.blocks
+        for block in blocks[:-1]:
+            h = block(h)
+        attn = blocks[-1].attn
+        q, k, _ = attn.qkv(blocks[-1].norm1(h)).view(b, h.shape[1], 3, attn.heads, -1).permute(2, 0, 3, 1, 4)
+        # The same scaled dot product F.scaled_dot_product_attention uses, for the CLS query only.
+        return torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)[:, :, 0]
+
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS attention per parcel ``[B, N]``: last encoder layer, mean over heads and time patches.
+
+        BrainLM identifies a parcel's network from the attention the CLS token pays it. The CLS
+        token's weight on itself is left out, so a row sums to at most ``1 / n_patches``.
+        """
+        c = self.config
+        w = self.cls_attention_weights(x)[:, :, 1:].mean(1)
+        return w.view(w.shape[0], c.n_parcels, c.n_patches).mean(2)
+
     def encode(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """CLS embedding ``pooled``, all ``tokens`` ``[B, N * n_patches, D]`` and ``parcels`` ``[B, N, D]``."""
         c = self.config
