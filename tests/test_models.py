@@ -149,6 +149,22 @@ def test_brainlm_encoder_never_sees_hidden_tokens():
     assert not torch.allclose(latent, model.encode_tokens(visible_changed, hidden)[0])
 
 
+def test_brainlm_sincos_time_embedding_is_fixed_and_rebuilt_on_load(tmp_path):
+    model = build_model("brainlm", {**BRAINLM, "temporal_embedding": "sincos"}, coords=coords())
+    t = model.temporal
+    assert not isinstance(t, torch.nn.Parameter) and t.shape == (T // 10, 32)
+    assert torch.allclose(t[0, 0::2], torch.zeros(16)) and torch.allclose(t[0, 1::2], torch.ones(16))
+    assert t[1, 0] == pytest.approx(math.sin(1.0)) and model.decoder_temporal.shape == (T // 10, 16)
+    assert "temporal" not in model.state_dict() and "temporal" not in dict(model.named_parameters())
+    loaded = load_model(model.save(tmp_path / "model.safetensors", parcel_names=[f"p{i}" for i in range(N)]))
+    assert torch.equal(loaded.temporal, t)
+    b = batch(pfc=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode(b)["pooled"], model.eval().encode(b)["pooled"])
+    with pytest.raises(ConfigError, match="temporal_embedding"):
+        build_model("brainlm", {**BRAINLM, "temporal_embedding": "rope"})
+
+
 def test_brainlm_cls_attention_is_the_last_layers_cls_weights():
     model = build_model("brainlm", BRAINLM, coords=coords()).eval()
     x = batch()["x"]

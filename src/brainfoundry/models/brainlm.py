@@ -18,6 +18,7 @@ averaged per sample and then over the batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import torch
@@ -49,6 +50,9 @@ class BrainLMConfig(ModelConfig):
     #: Probability that a sample's last ``future_patches`` patches are all hidden.
     future_prob: float = 0.5
     spatial_embedding: str = "coords"
+    #: Time-patch position embedding: "learned" (a table, ViT init std 0.02) or "sincos" (BrainLM's fixed
+    #: sinusoidal encoding of the patch index, unit amplitude; see the README's ABIDE learning curves).
+    temporal_embedding: str = "learned"
 
     @property
     def n_patches(self) -> int:
@@ -76,6 +80,8 @@ class BrainLMConfig(ModelConfig):
             raise ConfigError("model.future_patches", f"{self.future_patches} future patches x {self.n_parcels} "
                                                       f"parcels exceed the {self.n_hidden()} hidden tokens of "
                                                       f"mask_ratio {self.mask_ratio}")
+        if self.temporal_embedding not in ("learned", "sincos"):
+            raise ConfigError("model.temporal_embedding", f"must be 'learned' or 'sincos', got {self.temporal_embedding!r}")
         if not 0.0 <= self.future_prob <= 1.0:
             raise ConfigError("model.future_prob", f"must be in [0, 1], got {self.future_prob}")
 
@@ -106,14 +112,14 @@ class BrainLM(FoundationModel):
         c = config
         self.patch_embed = nn.Linear(c.patch_size, c.dim)
         self.spatial = SpatialEmbedding(c.n_parcels, c.dim, c.spatial_embedding)
-        self.temporal = nn.Parameter(torch.zeros(c.n_patches, c.dim))
+        self._temporal_table("temporal", c.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.encoder = Transformer(c.dim, c.depth, c.heads, c.mlp_ratio, c.dropout)
 
         self.decoder_embed = nn.Linear(c.dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.decoder_spatial = SpatialEmbedding(c.n_parcels, c.decoder_dim, c.spatial_embedding)
-        self.decoder_temporal = nn.Parameter(torch.zeros(c.n_patches, c.decoder_dim))
+        self._temporal_table("decoder_temporal", c.decoder_dim)
         self.decoder = Transformer(c.decoder_dim, c.decoder_depth, c.decoder_heads, c.mlp_ratio, c.dropout)
         self.head = nn.Linear(c.decoder_dim, c.patch_size)
 
@@ -122,7 +128,21 @@ class BrainLM(FoundationModel):
         # a patch starts far below the position embeddings and training sits on a long plateau.
         self.patch_embed.reset_parameters()
         for p in (self.temporal, self.cls_token, self.mask_token, self.decoder_temporal):
-            nn.init.trunc_normal_(p, std=0.02)
+            if isinstance(p, nn.Parameter):
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def _temporal_table(self, name: str, dim: int) -> None:
+        n = self.config.n_patches
+        if self.config.temporal_embedding == "learned":
+            setattr(self, name, nn.Parameter(torch.zeros(n, dim)))
+            return
+        # Fixed sin/cos of the patch index (Vaswani et al.), as BrainLM's encoder and decoder add them.
+        pos = torch.arange(n, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        table = torch.zeros(n, dim)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)[:, :dim // 2]
+        self.register_buffer(name, table, persistent=False)
 
     # helpers -------------------------------------------------------------------------------------
     def set_coords(self, coords: Any) -> None:
