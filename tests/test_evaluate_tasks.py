@@ -295,3 +295,76 @@ def test_external_bad_input_is_a_named_reason_and_other_tasks_run(evs, folds):
     assert any("diagnosis/external: the external sites have one class only" in n for n in info["notes"])
     ext = table[table["split"] == "external"]
     assert "diagnosis" not in set(ext["target"]) and {"sex", "age"} <= set(ext["target"])  # the others still run
+
+
+# -- BrainLM's forecasting fine-tune and CLS-attention network identification -------------------------------
+def _tiny_brainlm(evs, window=40, patch=10, seed=0):
+    import torch
+
+    from brainfoundry.evaluate.families import TorchModelAdapter
+    from brainfoundry.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("brainlm", {"n_parcels": evs.n_parcels, "window": window, "patch_size": patch, "dim": 16,
+                                    "depth": 2, "heads": 2, "decoder_dim": 8, "decoder_depth": 1, "decoder_heads": 2,
+                                    "mask_ratio": 0.5}, coords=evs.parcel_coords)
+    return TorchModelAdapter(model, "tinylm")
+
+
+def test_forecasting_finetuned_head_beats_the_zero_shot_decoder(evs, settings):
+    s = EvalSettings.from_dict({**settings.to_dict(), "window": 40, "patch": 10, "context": 30, "horizon": 10})
+    adapter = _tiny_brainlm(evs)  # random init: the fine-tune must work for the control too
+    table, info = run_task("forecasting", "tinylm", evs, s, adapter=adapter)
+    assert info["status"] == "ok", info
+    r2 = _agg(table).set_index(["method", "metric"])["value"]
+    assert {"future_masking", "finetuned_head"} <= set(r2.index.get_level_values(0))
+    # Smooth synthetic series: even a random encoder's tokens carry the recent values a linear head reads.
+    assert r2[("finetuned_head", "r2")] > 0.1 > r2[("future_masking", "r2")]
+    assert any("finetuned_head: ridge penalty" in n for n in info["notes"])
+
+
+def test_forecasting_head_needs_the_feature_capability(evs, settings):
+    from brainfoundry.evaluate import forecasting
+    from brainfoundry.evaluate.protocol import TaskSkipped
+
+    with pytest.raises(TaskSkipped, match="forecast_features"):
+        forecasting.fit_forecast_head(InterpolatingModel(), np.zeros((2, 180, 16)), np.zeros((2, 20, 16)))
+
+
+class AttentionModel(FCModel):
+    """FC embeddings plus a CLS attention per parcel given by ``weights(parcel index)``."""
+
+    window = 40
+    capabilities = frozenset({"embed", "parcel_embed", "cls_attention"})
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def cls_attention(self, windows):
+        w = self.weights(np.arange(windows.shape[2]), windows)
+        return w / w.sum(1, keepdims=True)
+
+
+def test_networks_cls_attention_probe_reads_networks_from_attention(evs, settings):
+    emb = embed_runs(FCModel(), evs, max_windows=2, parcel_runs=settings.network_runs)
+    net = np.arange(evs.n_parcels) % 4  # the synthetic networks
+    informative = AttentionModel(lambda p, w: np.tile(1.0 + net[p], (len(w), 1)))
+    rng = np.random.default_rng(0)
+    noise = AttentionModel(lambda p, w: rng.uniform(0.5, 1.5, (len(w), len(p))))
+    scores = {}
+    for name, model in (("informative", informative), ("noise", noise)):
+        table, info = run_task("networks", "att", evs, settings, adapter=model, embeddings=emb)
+        assert info["status"] == "ok", info
+        agg = _agg(table, "cls_attention_probe").set_index("metric")
+        assert agg.loc["balanced_accuracy", "n"] == evs.n_parcels  # one sample per parcel
+        scores[name] = agg.loc["balanced_accuracy", "value"]
+        assert {"parcel_embedding_probe", "cls_attention_probe"} <= set(table["method"])
+    assert scores["informative"] > 0.9 and scores["noise"] < 0.6
+
+
+def test_networks_cls_attention_of_a_real_brainlm_runs(evs, settings):
+    emb = embed_runs(FCModel(), evs, max_windows=2, parcel_runs=settings.network_runs)
+    table, info = run_task("networks", "tinylm", evs, settings, adapter=_tiny_brainlm(evs), embeddings=emb)
+    assert info["status"] == "ok", info
+    values = _agg(table, "cls_attention_probe").set_index("metric")["value"]
+    assert 0.0 <= values["balanced_accuracy"] <= 1.0

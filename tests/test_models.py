@@ -147,6 +147,44 @@ def test_brainlm_encoder_never_sees_hidden_tokens():
     assert not torch.allclose(latent, model.encode_tokens(visible_changed, hidden)[0])
 
 
+def test_brainlm_sincos_time_embedding_is_fixed_and_rebuilt_on_load(tmp_path):
+    model = build_model("brainlm", {**BRAINLM, "temporal_embedding": "sincos"}, coords=coords())
+    t = model.temporal
+    assert not isinstance(t, torch.nn.Parameter) and t.shape == (T // 10, 32)
+    assert torch.allclose(t[0, 0::2], torch.zeros(16)) and torch.allclose(t[0, 1::2], torch.ones(16))
+    assert t[1, 0] == pytest.approx(math.sin(1.0)) and model.decoder_temporal.shape == (T // 10, 16)
+    assert "temporal" not in model.state_dict() and "temporal" not in dict(model.named_parameters())
+    loaded = load_model(model.save(tmp_path / "model.safetensors", parcel_names=[f"p{i}" for i in range(N)]))
+    assert torch.equal(loaded.temporal, t)
+    b = batch(pfc=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode(b)["pooled"], model.eval().encode(b)["pooled"])
+    with pytest.raises(ConfigError, match="temporal_embedding"):
+        build_model("brainlm", {**BRAINLM, "temporal_embedding": "rope"})
+
+
+def test_brainlm_cls_attention_is_the_last_layers_cls_weights():
+    model = build_model("brainlm", BRAINLM, coords=coords()).eval()
+    x = batch()["x"]
+    seen = {}
+    last = model.encoder.blocks[-1].attn
+    hook = last.register_forward_hook(lambda mod, inp, out: seen.update(inp=inp[0], out=out))
+    with torch.no_grad():
+        model.encode({"x": x})
+        w = model.cls_attention_weights(x)  # [B, H, 1 + L]
+        att = model.cls_attention(x)
+    hook.remove()
+    b, n_tok = x.shape[0], 1 + N * (T // 10)
+    assert w.shape == (b, 4, n_tok) and torch.allclose(w.sum(-1), torch.ones(b, 4), atol=1e-5)
+    # The weights reproduce the attention layer's CLS output: proj(sum_j w_j v_j), heads concatenated.
+    v = last.qkv(seen["inp"]).view(b, n_tok, 3, 4, -1)[:, :, 2].transpose(1, 2)  # [B, H, L+1, dh]
+    cls_out = last.proj((w[..., None] * v).sum(2).reshape(b, -1))
+    assert torch.allclose(cls_out, seen["out"][:, 0], atol=1e-5)
+    assert att.shape == (b, N) and (att > 0).all()
+    expected = w[:, :, 1:].mean(1).view(b, N, T // 10).mean(2)
+    assert torch.allclose(att, expected) and torch.allclose(att.sum(1) * (T // 10) + w[:, :, 0].mean(1), torch.ones(b))
+
+
 def test_brainlm_loss_is_mse_on_hidden_valid_points():
     model = build_model("brainlm", BRAINLM, coords=coords())
     b = batch(pfc=False)

@@ -28,7 +28,8 @@ from brainfoundry.errors import InputError
 from brainfoundry.evaluate.protocol import TaskSkipped
 from brainfoundry.evaluate.settings import CONTROL_SUFFIX
 
-CAPABILITIES = ("embed", "parcel_embed", "reconstruct", "forecast", "finetune", "pseudo_label")
+CAPABILITIES = ("embed", "parcel_embed", "reconstruct", "forecast", "finetune", "pseudo_label", "cls_attention",
+                "forecast_features")
 
 
 class ModelAdapter:

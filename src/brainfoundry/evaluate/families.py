@@ -64,7 +64,7 @@ class TorchModelAdapter(ModelAdapter):
             self.window = int(brain.config.window)
             self.min_length = self.window
             self.patch = int(brain.config.patch_size)
-            caps |= {"reconstruct", "forecast"}
+            caps |= {"reconstruct", "forecast", "forecast_features", "cls_attention"}
         else:  # BrainMass and the LCM read a connectivity matrix: any series long enough for a correlation
             self.window = None
             self.min_length = 20
@@ -95,15 +95,36 @@ class TorchModelAdapter(ModelAdapter):
             pred = self._brain.reconstruct(self._tensor(x), torch.from_numpy(np.asarray(mask, bool)))
         return pred.float().cpu().numpy()
 
+    def cls_attention(self, windows: np.ndarray) -> np.ndarray:
+        """CLS attention per parcel ``[B, N]`` (BrainLM's last encoder layer; network identification)."""
+        import torch
+
+        with torch.no_grad():
+            return self._brain.cls_attention(self._tensor(windows)).float().cpu().numpy()
+
     def forecast(self, context: np.ndarray, horizon: int) -> np.ndarray:
         c = self._brain.config
-        if context.shape[1] + horizon != c.window or horizon % c.patch_size:
-            raise TaskSkipped(f"model '{self.name}' forecasts whole {c.patch_size}-point patches at the end of "
-                              f"{c.window}-point windows; context {context.shape[1]} + horizon {horizon} does not fit")
+        self._check_forecast_fit(context.shape[1], horizon)
         b, _, n = context.shape
         x = np.concatenate([context, np.zeros((b, horizon, n), np.float32)], axis=1)
         hidden = self._brain.future_mask(b, horizon // c.patch_size).numpy()
         return self.reconstruct(x, hidden)[:, -horizon:]
+
+    def forecast_features(self, context: np.ndarray, horizon: int) -> np.ndarray:
+        """Per-parcel encoder features ``[B, N, F]`` of ``context`` for a trained forecasting head."""
+        import torch
+
+        c = self._brain.config
+        self._check_forecast_fit(context.shape[1], horizon)
+        with torch.no_grad():
+            out = self._brain.context_features(self._tensor(context), horizon // c.patch_size)
+        return out.float().cpu().numpy()
+
+    def _check_forecast_fit(self, n_context: int, horizon: int) -> None:
+        c = self._brain.config
+        if n_context + horizon != c.window or horizon % c.patch_size:
+            raise TaskSkipped(f"model '{self.name}' forecasts whole {c.patch_size}-point patches at the end of "
+                              f"{c.window}-point windows; context {n_context} + horizon {horizon} does not fit")
 
     def finetune_encoder(self):
         return _Pooled.make(self.model)

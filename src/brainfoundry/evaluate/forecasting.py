@@ -3,6 +3,12 @@
 Test windows come from the held-out split; the ridge AR model and the LSTM are trained on windows from
 the training split only. Metrics per window: R² and MSE over the horizon x parcels values and the Pearson
 r between predicted and true values.
+
+A model gives two rows: the zero-shot forecast (its decoder fills the hidden future patches) and
+``finetuned_head``, BrainLM's forecasting fine-tune in its cheapest honest form: the encoder (frozen) reads
+the context with the future hidden, and a linear head shared by all parcels, fitted by ridge regression
+(penalty by leave-one-out over the training samples) on training-split windows only, maps each parcel's
+context tokens to its next ``horizon`` points. It runs the same way on a random-init model (the control).
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats
+from sklearn.linear_model import RidgeCV
 
-from brainfoundry.evaluate.adapters import ModelAdapter, window_starts
+from brainfoundry.evaluate.adapters import ModelAdapter
 from brainfoundry.evaluate.baselines import LSTMForecaster, RidgeAR, persistence
 from brainfoundry.evaluate.dataset import EvalSet
 from brainfoundry.evaluate.protocol import TaskSkipped
@@ -46,6 +53,36 @@ def training_windows(evalset: EvalSet, length: int, max_windows: int, seed: int 
     return out.astype(np.float32)
 
 
+#: (window, parcel) samples the head is fitted on: bounds its CPU time and memory (tokens x D x patches).
+HEAD_MAX_SAMPLES = 20000
+HEAD_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def fit_forecast_head(adapter: ModelAdapter, train_context: np.ndarray, train_future: np.ndarray,
+                      seed: int = 0) -> RidgeCV:
+    """Ridge head from per-parcel encoder features to the parcel's future, on training windows only."""
+    adapter.require("forecast_features", "forecasting fine-tune")
+    feats = _features(adapter, train_context, train_future.shape[1])
+    X = feats.reshape(-1, feats.shape[-1])
+    Y = train_future.transpose(0, 2, 1).reshape(-1, train_future.shape[1])  # (window, parcel) rows
+    if len(X) > HEAD_MAX_SAMPLES:
+        keep = stable_rng("forecast-head", seed).choice(len(X), HEAD_MAX_SAMPLES, replace=False)
+        X, Y = X[keep], Y[keep]
+    return RidgeCV(alphas=HEAD_ALPHAS).fit(X, Y)
+
+
+def predict_forecast_head(adapter: ModelAdapter, head: RidgeCV, context: np.ndarray, horizon: int) -> np.ndarray:
+    feats = _features(adapter, context, horizon)
+    b, n, f = feats.shape
+    return head.predict(feats.reshape(-1, f)).reshape(b, n, horizon).transpose(0, 2, 1).astype(np.float32)
+
+
+def _features(adapter: ModelAdapter, context: np.ndarray, horizon: int) -> np.ndarray:
+    out = [np.asarray(adapter.forecast_features(context[s:s + adapter.batch_size], horizon), np.float32)
+           for s in range(0, len(context), adapter.batch_size)]
+    return np.concatenate(out)
+
+
 def run(evalset: EvalSet, settings: EvalSettings, adapter: ModelAdapter | None) -> tuple[pd.DataFrame, list[str]]:
     length = settings.context + settings.horizon
     if adapter is not None:
@@ -60,6 +97,12 @@ def run(evalset: EvalSet, settings: EvalSettings, adapter: ModelAdapter | None) 
         for s in range(0, len(context), adapter.batch_size):
             out.append(np.asarray(adapter.forecast(context[s:s + adapter.batch_size], settings.horizon), np.float32))
         preds[("forecast", None)] = np.concatenate(out)
+        if "forecast_features" in adapter.capabilities:
+            train = training_windows(evalset, length, settings.forecast_baselines.max_train_windows)
+            head = fit_forecast_head(adapter, train[:, :settings.context], train[:, settings.context:], seeds[0])
+            preds[("finetuned_head", None)] = predict_forecast_head(adapter, head, context, settings.horizon)
+            notes.append(f"finetuned_head: ridge penalty {head.alpha_:g} (leave-one-out over "
+                         f"{min(HEAD_MAX_SAMPLES, len(train) * evalset.n_parcels)} training samples)")
     else:
         fb = settings.forecast_baselines
         preds[("persistence", None)] = persistence(context, settings.horizon)

@@ -5,6 +5,11 @@ else from the Schaefer-400 7-network atlas by majority vote over each parcel's v
 image resampled onto the parcel atlas's grid (nearest neighbour). Samples are (run, parcel) pairs; the
 folds group by parcel, so a test parcel is never seen in training (in any run) and the classifier must
 read the network from the representation, not recognise the parcel.
+
+With a BrainLM encoder (adapter capability ``cls_attention``) a second model row follows the paper's own
+read-out: the CLS token's attention to each parcel in the last encoder layer (mean over heads and time
+patches, then over a run's windows). A parcel's features are its attention in each of the runs
+(log of the weight relative to a uniform 1/N), one sample per parcel, the same parcel-grouped folds.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from brainfoundry.errors import InputError
-from brainfoundry.evaluate.adapters import Embeddings
+from brainfoundry.evaluate.adapters import Embeddings, ModelAdapter, window_starts
 from brainfoundry.evaluate.baselines import fc_rows
 from brainfoundry.evaluate.dataset import EvalSet
 from brainfoundry.evaluate.protocol import TaskSkipped, classification_metrics, fit_nested
@@ -114,6 +119,24 @@ def parcel_features(evalset: EvalSet, emb: Embeddings | None, window: int) -> tu
             np.tile(np.arange(n), len(raw)))
 
 
+def cls_attention_features(evalset: EvalSet, adapter: ModelAdapter, max_windows: int) -> np.ndarray:
+    """``[N, R]``: each parcel's CLS attention (log ratio to uniform) in each run long enough for a window."""
+    adapter.require("cls_attention", "networks")
+    window = adapter.window
+    cols = []
+    for i in range(len(evalset.series)):
+        x = evalset.normalized(i)
+        starts = window_starts(len(x), window, max_windows) if len(x) >= window else []
+        if not starts:
+            continue
+        att = np.asarray(adapter.cls_attention(np.stack([x[s:s + window] for s in starts])), np.float64)
+        cols.append(att.mean(0))
+    if not cols:
+        raise TaskSkipped(f"no run has the {window} time points model '{adapter.name}' reads")
+    att = np.stack(cols, axis=1)
+    return np.log(np.maximum(att / att.sum(0, keepdims=True) * att.shape[0], 1e-12)).astype(np.float32)
+
+
 def select_runs(evalset: EvalSet, n_runs: int, order=("test", "val")) -> EvalSet:
     """The same rule as the embedding cache: held-out splits first, then the rest, at most ``n_runs``."""
     splits = evalset.runs["split"].to_numpy()
@@ -124,7 +147,7 @@ def select_runs(evalset: EvalSet, n_runs: int, order=("test", "val")) -> EvalSet
 
 
 def run(evalset: EvalSet, settings: EvalSettings, emb: Embeddings | None,
-        networks: np.ndarray | None) -> tuple[pd.DataFrame, list[str]]:
+        networks: np.ndarray | None, adapter: ModelAdapter | None = None) -> tuple[pd.DataFrame, list[str]]:
     if networks is None:
         raise TaskSkipped("no network labels: the atlas labels TSV has no 'network' column and "
                           "evaluate.network_atlas is not set (Schaefer-400 7-network majority vote)")
@@ -134,9 +157,16 @@ def run(evalset: EvalSet, settings: EvalSettings, emb: Embeddings | None,
         raise TaskSkipped("fewer than 2 networks among the parcels' labels")
     subset = select_runs(evalset, settings.network_runs)
     feats, parcel_idx = parcel_features(subset, emb, settings.window)
+    samples = {method: (X, parcel_idx) for method, X in feats.items()}
+    notes = []
+    if adapter is not None and "cls_attention" in adapter.capabilities:
+        try:
+            att = cls_attention_features(subset, adapter, settings.max_windows_per_run)
+            samples["cls_attention_probe"] = (att, np.arange(len(att)))
+        except TaskSkipped as err:
+            notes.append(f"cls_attention_probe: {err}")
     classes = sorted(np.unique(networks[labelled]))
     y_parcel = np.array([classes.index(v) if v else -1 for v in networks])
-    notes = []
     rows = []
     n_parcels_per_class = np.bincount(y_parcel[labelled])
     n_folds = min(5, int(n_parcels_per_class.min()))
@@ -145,7 +175,7 @@ def run(evalset: EvalSet, settings: EvalSettings, emb: Embeddings | None,
         n_folds = 2
     from sklearn.model_selection import StratifiedGroupKFold
 
-    for method, X in feats.items():
+    for method, (X, parcel_idx) in samples.items():
         y = y_parcel[parcel_idx]
         ok = y >= 0
         Xk, yk, gk = X[ok], y[ok], parcel_idx[ok]

@@ -112,7 +112,7 @@ def _dispatch(task, evalset, settings, folds, adapter, emb, model, finetuned=())
         labels = evalset.networks
         if labels is None and evalset.meta.get("network_note"):
             raise TaskSkipped(f"no network labels: {evalset.meta['network_note']}")
-        rows, notes = networks.run(evalset, settings, emb, labels)
+        rows, notes = networks.run(evalset, settings, emb, labels, adapter=adapter)
         per = rows[rows["fold"] != "all"]
         agg = aggregate(per, ["method", "metric"], level)
         return pd.concat([per, agg, rows[rows["fold"] == "all"]], ignore_index=True), notes

@@ -18,6 +18,7 @@ averaged per sample and then over the batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import torch
@@ -49,6 +50,9 @@ class BrainLMConfig(ModelConfig):
     #: Probability that a sample's last ``future_patches`` patches are all hidden.
     future_prob: float = 0.5
     spatial_embedding: str = "coords"
+    #: Time-patch position embedding: "learned" (a table, ViT init std 0.02) or "sincos" (BrainLM's fixed
+    #: sinusoidal encoding of the patch index, unit amplitude; see the README's ABIDE learning curves).
+    temporal_embedding: str = "learned"
 
     @property
     def n_patches(self) -> int:
@@ -76,6 +80,8 @@ class BrainLMConfig(ModelConfig):
             raise ConfigError("model.future_patches", f"{self.future_patches} future patches x {self.n_parcels} "
                                                       f"parcels exceed the {self.n_hidden()} hidden tokens of "
                                                       f"mask_ratio {self.mask_ratio}")
+        if self.temporal_embedding not in ("learned", "sincos"):
+            raise ConfigError("model.temporal_embedding", f"must be 'learned' or 'sincos', got {self.temporal_embedding!r}")
         if not 0.0 <= self.future_prob <= 1.0:
             raise ConfigError("model.future_prob", f"must be in [0, 1], got {self.future_prob}")
 
@@ -106,14 +112,14 @@ class BrainLM(FoundationModel):
         c = config
         self.patch_embed = nn.Linear(c.patch_size, c.dim)
         self.spatial = SpatialEmbedding(c.n_parcels, c.dim, c.spatial_embedding)
-        self.temporal = nn.Parameter(torch.zeros(c.n_patches, c.dim))
+        self._temporal_table("temporal", c.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.encoder = Transformer(c.dim, c.depth, c.heads, c.mlp_ratio, c.dropout)
 
         self.decoder_embed = nn.Linear(c.dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.decoder_spatial = SpatialEmbedding(c.n_parcels, c.decoder_dim, c.spatial_embedding)
-        self.decoder_temporal = nn.Parameter(torch.zeros(c.n_patches, c.decoder_dim))
+        self._temporal_table("decoder_temporal", c.decoder_dim)
         self.decoder = Transformer(c.decoder_dim, c.decoder_depth, c.decoder_heads, c.mlp_ratio, c.dropout)
         self.head = nn.Linear(c.decoder_dim, c.patch_size)
 
@@ -122,7 +128,21 @@ class BrainLM(FoundationModel):
         # a patch starts far below the position embeddings and training sits on a long plateau.
         self.patch_embed.reset_parameters()
         for p in (self.temporal, self.cls_token, self.mask_token, self.decoder_temporal):
-            nn.init.trunc_normal_(p, std=0.02)
+            if isinstance(p, nn.Parameter):
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def _temporal_table(self, name: str, dim: int) -> None:
+        n = self.config.n_patches
+        if self.config.temporal_embedding == "learned":
+            setattr(self, name, nn.Parameter(torch.zeros(n, dim)))
+            return
+        # Fixed sin/cos of the patch index (Vaswani et al.), as BrainLM's encoder and decoder add them.
+        pos = torch.arange(n, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        table = torch.zeros(n, dim)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)[:, :dim // 2]
+        self.register_buffer(name, table, persistent=False)
 
     # helpers -------------------------------------------------------------------------------------
     def set_coords(self, coords: Any) -> None:
@@ -262,6 +282,44 @@ class BrainLM(FoundationModel):
     def loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, metrics, _ = self.ssl_forward(batch)
         return loss, metrics
+
+    def context_features(self, context: torch.Tensor, future_patches: int) -> torch.Tensor:
+        """Encoder tokens ``[B, N, n_context * D]`` of a context window whose last patches are hidden.
+
+        ``context`` is ``[B, T - future_patches * P, N]``; the hidden future is zero-filled and never
+        reaches the encoder. Each parcel's visible tokens (its context patches, in time order) are
+        concatenated: what a forecasting head reads.
+        """
+        c = self.config
+        b, t, n = context.shape
+        x = torch.cat([context, context.new_zeros(b, c.window - t, n)], dim=1)
+        hidden = self.future_mask(b, future_patches).to(x.device)
+        latent, _ = self.encode_tokens(self.patchify(x), hidden)
+        return latent[:, 1:].reshape(b, c.n_parcels, -1)
+
+    def cls_attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax weights ``[B, heads, 1 + L]`` of the CLS query in the encoder's last layer (no masking)."""
+        patches = self.patchify(x)
+        b = patches.shape[0]
+        tokens = self.patch_embed(patches).flatten(1, 2) + self._positions(self.spatial, self.temporal)
+        h = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        blocks = self.encoder.blocks
+        for block in blocks[:-1]:
+            h = block(h)
+        attn = blocks[-1].attn
+        q, k, _ = attn.qkv(blocks[-1].norm1(h)).view(b, h.shape[1], 3, attn.heads, -1).permute(2, 0, 3, 1, 4)
+        # The same scaled dot product F.scaled_dot_product_attention uses, for the CLS query only.
+        return torch.softmax(q[:, :, :1] @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)[:, :, 0]
+
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS attention per parcel ``[B, N]``: last encoder layer, mean over heads and time patches.
+
+        BrainLM identifies a parcel's network from the attention the CLS token pays it. The CLS
+        token's weight on itself is left out, so a row sums to at most ``1 / n_patches``.
+        """
+        c = self.config
+        w = self.cls_attention_weights(x)[:, :, 1:].mean(1)
+        return w.view(w.shape[0], c.n_parcels, c.n_patches).mean(2)
 
     def encode(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """CLS embedding ``pooled``, all ``tokens`` ``[B, N * n_patches, D]`` and ``parcels`` ``[B, N, D]``."""
