@@ -705,6 +705,11 @@ def _model_window(family: str, values: Mapping[str, Any], cfg: TrainConfig) -> i
         return int(values.get("window", 200))
     if family == "lcm" and values.get("backbone", "brainlm") == "brainlm":
         return int(dict(values.get("brain") or {}).get("window", 200))
+    if family == "scmbm":
+        # SC-MBM trains on single frames: windows of frame_points points, averaged into one frame by the model.
+        from brainfoundry.models.scmbm import SCMBMConfig
+
+        return int(values.get("frame_points", SCMBMConfig.frame_points))
     return cfg.window
 
 
