@@ -221,3 +221,23 @@ def test_batch_split_in_two_takes_the_same_step():
     whole, _ = m.loss(b)
     halves = [m.loss({k: v[s:s + 4] for k, v in b.items()})[0] for s in (0, 4)]
     assert torch.allclose(whole, torch.stack(halves).mean(), atol=1e-6)
+
+
+def test_evaluation_adapter_averages_frames_of_a_window():
+    from brainfoundry.evaluate.families import FRAMES_PER_WINDOW, wrap_model
+
+    m = model()
+    adapter = wrap_model(m, "scmbm")
+    assert adapter.window == FRAMES_PER_WINDOW * 3 and adapter.min_length == 3
+    assert "reconstruct" not in adapter.capabilities and "embed" in adapter.capabilities
+    windows = np.random.default_rng(0).normal(size=(2, 7, N)).astype(np.float32)  # 2 frames + 1 point dropped
+    pooled, parcels = adapter.embed(windows)
+    with torch.no_grad():
+        first = m.encode({"x": torch.from_numpy(windows[0, :6].reshape(2, 3, N))})
+    assert np.allclose(pooled[0], first["pooled"].mean(0).numpy(), atol=1e-5)
+    assert parcels.shape == (2, N, 32)
+    tuned = adapter.finetune_encoder()(torch.from_numpy(windows[:, :6]))
+    assert torch.allclose(tuned[0], first["pooled"].mean(0), atol=1e-5)
+    frames = m.frames({"x": torch.from_numpy(windows[:, :3])}).numpy()
+    hidden, _ = m.draw_masks({"seed": torch.arange(2)}, 2)
+    assert adapter.reconstruct_frames(frames, hidden.numpy()).shape == (2, N)

@@ -188,6 +188,13 @@ class SCMBMAdapter(TorchModelAdapter):
         return _FramePooled.make(self.model)
 
 
+def wrap_model(model, name: str, label_subjects=(), device: str = "cpu") -> TorchModelAdapter:
+    """The adapter of a model of any family (SC-MBM reads frames, the others windows)."""
+    if model.family == "scmbm":
+        return SCMBMAdapter(model, name, device=device)
+    return TorchModelAdapter(model, name, label_subjects=label_subjects, device=device)
+
+
 def load_adapter(family: str, checkpoint: str | Path, evalset: EvalSet, name: str | None = None,
                  device: str = "cpu") -> TorchModelAdapter:
     """Load ``checkpoint`` (a model file) and wrap it; parcel count checked against the evaluation set."""
@@ -206,10 +213,7 @@ def load_adapter(family: str, checkpoint: str | Path, evalset: EvalSet, name: st
     if model.family == "lcm":
         runs = evalset.runs
         labels = runs.loc[runs["split"].astype(str) == "train", "subject"].astype(str).unique()
-    if model.family == "scmbm":
-        adapter = SCMBMAdapter(model, name or family, device=device)
-    else:
-        adapter = TorchModelAdapter(model, name or family, label_subjects=labels, device=device)
+    adapter = wrap_model(model, name or family, label_subjects=labels, device=device)
     # A model file from the trainer's pseudo-label fine-tuning (LCM): its target head is fine-tuned.
     adapter.finetuned_target = train_config.get("target") if train_config.get("mode") == "finetune" else None
     return adapter
