@@ -355,7 +355,7 @@ def test_load_model_bad_files(tmp_path):
 
 
 def test_registry():
-    assert set(FAMILIES) == {"brainlm", "brainmass", "lcm"}
+    assert set(FAMILIES) == {"brainlm", "brainmass", "lcm", "scmbm"}
     with pytest.raises(ConfigError, match="unknown model family"):
         build_model("gpt", {})
 

@@ -106,4 +106,4 @@ def test_every_step_records_its_wall_time(demo_run):
     assert summary.iloc[-1]["step"] == "all"
     assert summary.iloc[-1]["jobs"] == len(jobs)
     pretrain = jobs[jobs["step"] == "pretrain"]
-    assert sorted(pretrain["job"]) == ["pretrain/brainlm", "pretrain/brainmass", "pretrain/lcm"]
+    assert sorted(pretrain["job"]) == ["pretrain/brainlm", "pretrain/brainmass", "pretrain/lcm", "pretrain/scmbm"]

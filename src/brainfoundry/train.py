@@ -713,6 +713,11 @@ def _norm_stats_record(source: Any) -> dict[str, Any] | None:
 def _model_window(family: str, values: Mapping[str, Any], cfg: TrainConfig) -> int:
     if family == "brainlm":
         return int(values.get("window", 200))
+    if family == "scmbm":
+        # SC-MBM trains on single frames: windows of frame_points points, averaged into one frame by the model.
+        from brainfoundry.models.scmbm import SCMBMConfig
+
+        return int(values.get("frame_points", SCMBMConfig.frame_points))
     return cfg.window
 
 

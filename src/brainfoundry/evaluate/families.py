@@ -12,6 +12,12 @@ Each wraps a model file (``results/models/<family>/model.safetensors`` with its 
 - LCM: the FC of the whole run; pooled = mean of its query outputs, parcel embeddings = its node
   tokens; its query heads predict the phenotypes; no time-series decoder. The training split's
   subjects are its label subjects (it saw their phenotypes), kept out of test folds.
+- SC-MBM (MinD-Vis Stage A): windows of ``FRAMES_PER_WINDOW`` frames of ``frame_points`` points; each
+  frame is embedded on its own and the window's embedding is the mean over its frames (a run's
+  embedding, the mean over its windows, is then the mean over its frames); parcel embeddings are the
+  tokens of the patch holding each parcel. Masked reconstruction works on frames and patches of
+  parcels, not on the windows x time patches of the reconstruction task, so it is not offered here;
+  :meth:`SCMBMAdapter.reconstruct_frames` serves a per-frame protocol.
 """
 
 from __future__ import annotations
@@ -141,6 +147,75 @@ class TorchModelAdapter(ModelAdapter):
         return list(self.model.specs) if self.family == "lcm" else []
 
 
+#: SC-MBM windows hold this many frames (so a run's up to ``max_windows`` windows cover up to 8x as many frames).
+FRAMES_PER_WINDOW = 8
+
+
+class _FramePooled:
+    """A torch module windows ``[B, W, N]`` -> mean CLS embedding over the window's frames (fine-tuning)."""
+
+    @staticmethod
+    def make(model):
+        import torch
+
+        class FramePooled(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                b, w, n = x.shape
+                k = int(self.inner.config.frame_points)
+                frames = x[:, :w // k * k].reshape(b * (w // k), k, n)
+                return self.inner.encode({"x": frames})["pooled"].view(b, w // k, -1).mean(1)
+
+        return FramePooled(model)
+
+
+class SCMBMAdapter(TorchModelAdapter):
+    """The SC-MBM family: a window is cut into frames of ``frame_points`` points, each embedded alone."""
+
+    def __init__(self, model, name: str, batch_size: int = 16, device: str = "cpu"):
+        super().__init__(model, name, batch_size=batch_size, device=device)
+        self.frame_points = int(model.config.frame_points)
+        self.window = FRAMES_PER_WINDOW * self.frame_points
+        self.min_length = self.frame_points
+        self.patch = None
+        self.capabilities = frozenset({"embed", "parcel_embed", "finetune"})
+
+    def embed(self, windows: np.ndarray):
+        import torch
+
+        from brainfoundry.models.scmbm import frame_windows
+
+        b, w, n = windows.shape
+        frames = np.concatenate([frame_windows(x, self.frame_points) for x in windows])  # [B * F, k, N]
+        per = w // self.frame_points
+        with torch.no_grad():
+            out = self.model.encode({"x": self._tensor(frames)})
+        pooled = out["pooled"].float().view(b, per, -1).mean(1)
+        parcels = out["parcels"].float().view(b, per, n, -1).mean(1)
+        return pooled.cpu().numpy(), parcels.cpu().numpy()
+
+    def reconstruct_frames(self, frames: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        """Predicted z-normalised frames ``[B, N]`` from frames ``[B, N]`` and hidden patches ``[B, L]``."""
+        import torch
+
+        with torch.no_grad():
+            pred = self.model.reconstruct_frames(self._tensor(frames), torch.from_numpy(np.asarray(hidden, bool)))
+        return pred.float().cpu().numpy()
+
+    def finetune_encoder(self):
+        return _FramePooled.make(self.model)
+
+
+def wrap_model(model, name: str, label_subjects=(), device: str = "cpu") -> TorchModelAdapter:
+    """The adapter of a model of any family (SC-MBM reads frames, the others windows)."""
+    if model.family == "scmbm":
+        return SCMBMAdapter(model, name, device=device)
+    return TorchModelAdapter(model, name, label_subjects=label_subjects, device=device)
+
+
 def load_adapter(family: str, checkpoint: str | Path, evalset: EvalSet, name: str | None = None,
                  device: str = "cpu") -> TorchModelAdapter:
     """Load ``checkpoint`` (a model file) and wrap it; parcel count checked against the evaluation set."""
@@ -159,7 +234,7 @@ def load_adapter(family: str, checkpoint: str | Path, evalset: EvalSet, name: st
     if model.family == "lcm":
         runs = evalset.runs
         labels = runs.loc[runs["split"].astype(str) == "train", "subject"].astype(str).unique()
-    adapter = TorchModelAdapter(model, name or family, label_subjects=labels, device=device)
+    adapter = wrap_model(model, name or family, label_subjects=labels, device=device)
     # A model file from the trainer's pseudo-label fine-tuning (LCM): its target head is fine-tuned.
     adapter.finetuned_target = train_config.get("target") if train_config.get("mode") == "finetune" else None
     # The semi-supervised round's record (threshold, balance, counts): a round that labelled nobody is reported.

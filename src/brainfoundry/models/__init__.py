@@ -1,4 +1,4 @@
-"""Model families for pretraining: BrainLM, BrainMass, the Large Connectome Model.
+"""Model families for pretraining: BrainLM, BrainMass, the Large Connectome Model, MinD-Vis SC-MBM.
 
 >>> from brainfoundry.models import build_model, load_model
 >>> model = build_model("brainlm", {"n_parcels": 100, "dim": 64, "depth": 2, "heads": 4})
@@ -21,17 +21,19 @@ from brainfoundry.models.brainmass import BrainMass, BrainMassConfig
 from brainfoundry.models.files import (ModelChecksumError, UnsafeModelFileError, load_model, read_model_file,
                                        read_model_metadata)
 from brainfoundry.models.lcm import LCM, LCMConfig
+from brainfoundry.models.scmbm import SCMBM, SCMBMConfig
 
 #: family name -> (config class, model class)
 FAMILIES: dict[str, tuple[type[ModelConfig], type[FoundationModel]]] = {
     "brainlm": (BrainLMConfig, BrainLM),
     "brainmass": (BrainMassConfig, BrainMass),
     "lcm": (LCMConfig, LCM),
+    "scmbm": (SCMBMConfig, SCMBM),
 }
 
 __all__ = ["FAMILIES", "FoundationModel", "ModelConfig", "BrainLM", "BrainLMConfig", "BrainMass", "BrainMassConfig",
-           "LCM", "LCMConfig", "ModelChecksumError", "UnsafeModelFileError", "build_model", "load_model",
-           "make_config", "read_model_file", "read_model_metadata"]
+           "LCM", "LCMConfig", "SCMBM", "SCMBMConfig", "ModelChecksumError", "UnsafeModelFileError", "build_model",
+           "load_model", "make_config", "read_model_file", "read_model_metadata"]
 
 
 def make_config(family: str, config: ModelConfig | Mapping[str, Any] | None = None) -> ModelConfig:
