@@ -201,3 +201,39 @@ def test_the_run_ends_by_printing_the_headline_it_wrote(tmp_path, capsys):
     assert str(tmp_path / "headline.html") in out and "snakemake --report" in out
     snakefile = (REPO / "Snakefile").read_text()
     assert "onsuccess:" in snakefile and "print_headline" in snakefile
+
+
+# -- docs/BRING_YOUR_OWN_DATA.md --------------------------------------------------------------------------
+def _doc_blocks(kind: str) -> list[str]:
+    import re
+
+    text = (REPO / "docs" / "BRING_YOUR_OWN_DATA.md").read_text()
+    return re.findall(rf"```{kind}\n(.*?)```", text, flags=re.S)
+
+
+def test_the_docs_examples_are_valid_configs():
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load((REPO / "config" / "config.schema.yaml").read_text())
+    blocks = [yaml.safe_load(b) for b in _doc_blocks("yaml")]
+    assert {b["entry_point"] for b in blocks} == {"raw", "timeseries"}
+    for block in blocks:
+        jsonschema.validate(block, schema)  # no invented keys: the schema forbids unknown ones
+
+
+def test_the_docs_timeseries_example_indexes_as_written(tmp_path):
+    import yaml
+
+    from brainfoundry.timeseries import index_timeseries
+
+    config = next(b for b in map(yaml.safe_load, _doc_blocks("yaml")) if b["entry_point"] == "timeseries")
+    (tmp_path / "phenotypes.csv").write_text(_doc_blocks("text")[0])
+    (tmp_path / "series").mkdir()
+    for subject in ("1", "2", "3"):
+        np.savetxt(tmp_path / "series" / f"sub-{subject}_timeseries.tsv", np.random.default_rng(0).normal(size=(30, 4)),
+                   delimiter="\t")
+    config["timeseries"].update(series_dir=str(tmp_path / "series"), phenotypes=str(tmp_path / "phenotypes.csv"))
+    runs = index_timeseries(config)
+    assert list(runs["subject"]) == ["1", "2", "3"] and list(runs["diagnosis"]) == ["control", "patient", "control"]
+    assert set(runs["site"]) == {"A", "B"} and (runs["tr"] == 2.0).all()
