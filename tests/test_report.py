@@ -208,7 +208,7 @@ def _doc_blocks(kind: str) -> list[str]:
     import re
 
     text = (REPO / "docs" / "BRING_YOUR_OWN_DATA.md").read_text()
-    return re.findall(rf"```{kind}\n(.*?)```", text, flags=re.S)
+    return re.findall(rf"```{kind}\n(.*?)```", text, flags=re.DOTALL)
 
 
 def test_the_docs_examples_are_valid_configs():
