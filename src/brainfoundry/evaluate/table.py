@@ -399,7 +399,8 @@ def plot_task(table: pd.DataFrame, task: str, path: str | Path) -> None:
             vals = grp["value"].to_numpy(float)
             lo = np.where(np.isfinite(grp["ci_low"]), vals - grp["ci_low"].to_numpy(float), 0)
             hi = np.where(np.isfinite(grp["ci_high"]), grp["ci_high"].to_numpy(float) - vals, 0)
-            colours = ["#888888" if b else "#1f77b4" for b in grp["is_baseline"]]
+            colours = ["#888888" if b else "#9467bd" if is_control(m) else "#1f77b4"
+                       for b, m in zip(grp["is_baseline"], grp["model"])]
             for yi, v, l, h, c in zip(y, vals, lo, hi, colours):
                 ax.errorbar(v, yi, xerr=[[max(l, 0)], [max(h, 0)]], fmt="o", color=c, capsize=3)
             ax.set_yticks(y, labels, fontsize=8)
@@ -407,7 +408,8 @@ def plot_task(table: pd.DataFrame, task: str, path: str | Path) -> None:
             ax.grid(axis="x", alpha=0.3)
         for ax in axes.ravel()[len(panels):]:
             ax.axis("off")
-        fig.suptitle(f"{task} (blue: pretrained models, grey: baselines; 95 % intervals)", fontsize=10)
+        fig.suptitle(f"{task} (blue: pretrained models, purple: random-init controls, grey: baselines; "
+                     "95 % intervals)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
