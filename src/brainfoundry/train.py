@@ -411,7 +411,8 @@ def plot_learning_curve(history: Sequence[Mapping[str, Any]], path: str | Path, 
     zero = [(r["step"], r["val_zero_loss"]) for r in history
             if isinstance(r.get("val_zero_loss"), float) and math.isfinite(r["val_zero_loss"])]
     if zero:  # above it the model predicts worse than zero (the training median) on the same batches
-        ax.plot(*zip(*zero), ":", label="zero predictor (validation)", color="k")
+        # Fixed validation batches and masks: one level, drawn across the whole run.
+        ax.hlines(zero[-1][1], steps[0], steps[-1], linestyles=":", colors="k", label="zero predictor (validation)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
