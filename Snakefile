@@ -46,3 +46,10 @@ rule all:
     input:
         all_targets(),
     default_target: True
+
+
+# The run ends with its answer: the headline table the evaluation wrote (read, never recomputed here).
+onsuccess:
+    from brainfoundry.evaluate.table import print_headline
+
+    print_headline(f"{RESULTS}/evaluation/headline.tsv", f"{RESULTS}/report.html")

@@ -8,7 +8,8 @@ validation, atomic checkpoints) -> final model, metrics CSV and learning-curve p
 Outputs in ``--out``: ``model.safetensors`` + ``model.json`` (the model file,
 :func:`brainfoundry.models.load_model`; weights, metadata and the weights' sha256),
 ``metrics.csv`` (one row per logged step: loss, lr, grad norm, samples/s, tokens/s, data-wait
-fraction, memory, validation loss, family metrics), ``learning_curve.png``, ``summary.json``, and
+fraction, memory, validation loss and the zero predictor's on the same batches (``val_zero_loss``),
+family metrics), ``learning_curve.png``, ``summary.json``, and
 ``checkpoint.pt`` (the latest checkpoint; ``--resume auto`` continues from it when it matches).
 
 Distributed: launch with ``torchrun --nproc_per_node G --no-python brainfoundry train ...`` (or
@@ -411,6 +412,11 @@ def plot_learning_curve(history: Sequence[Mapping[str, Any]], path: str | Path, 
     val = [(r["step"], r["val_loss"]) for r in history if isinstance(r.get("val_loss"), float) and math.isfinite(r["val_loss"])]
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange")
+    zero = [(r["step"], r["val_zero_loss"]) for r in history
+            if isinstance(r.get("val_zero_loss"), float) and math.isfinite(r["val_zero_loss"])]
+    if zero:  # above it the model predicts worse than zero (the training median) on the same batches
+        # Fixed validation batches and masks: one level, drawn across the whole run.
+        ax.hlines(zero[-1][1], steps[0], steps[-1], linestyles=":", colors="k", label="zero predictor (validation)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -657,7 +663,8 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
             metric_values = _all_reduce([float(v) for v in metrics.values()], dist)
             row.update({k: v / dist.world_size for k, v in zip(metrics, metric_values)})
             if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
-                row["val_loss"] = _validate(model, source, cfg, dist, local_bs, env_names, autocast, keys, mode)
+                row["val_loss"], row["val_zero_loss"] = _validate(model, source, cfg, dist, local_bs, env_names,
+                                                                  autocast, keys, mode)
             history.append(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{samples_s:.1f}")
@@ -729,15 +736,17 @@ def _needs_pfc(family: str, values: Mapping[str, Any]) -> bool:
 
 @torch.no_grad()
 def _validate(model: FoundationModel, source: Any, cfg: TrainConfig, dist: Dist, local_bs: int,
-              env_names: Sequence[str], autocast: Any, keys: Sequence[str], mode: str = "pretrain") -> float:
-    """Mean loss over the first ``eval_batches`` batches of the validation split (fixed crops, seeds)."""
+              env_names: Sequence[str], autocast: Any, keys: Sequence[str],
+              mode: str = "pretrain") -> tuple[float, float]:
+    """Mean loss over the first ``eval_batches`` batches of the validation split (fixed crops, seeds), and
+    the zero predictor's loss on the same batches (`_zero_loss`; NaN where it has none)."""
     try:
         loader = source.loader("val", dist.rank, dist.world_size, local_bs, train=False)
     except InputError:
-        return float("nan")
+        return float("nan"), float("nan")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, zero_total, zero_count = 0.0, 0, 0.0, 0
     for i, batch in enumerate(loader):
         if i >= cfg.eval_batches:
             break
@@ -752,9 +761,31 @@ def _validate(model: FoundationModel, source: Any, cfg: TrainConfig, dist: Dist,
             else:
                 loss, _ = model.loss(batch)
         total, count = total + float(loss) * n, count + n
+        zero = _zero_loss(model, batch) if mode == "pretrain" else None
+        if zero is not None:
+            zero_total, zero_count = zero_total + zero * n, zero_count + n
     model.train(was_training)
-    total, count = _all_reduce([total, count], dist)
-    return total / count if count else float("nan")
+    total, count, zero_total, zero_count = _all_reduce([total, count, zero_total, zero_count], dist)
+    return (total / count if count else float("nan"), zero_total / zero_count if zero_count else float("nan"))
+
+
+def _zero_loss(model: FoundationModel, batch: Mapping[str, Any]) -> float | None:
+    """Masked-reconstruction loss of the all-zero prediction on the batch's own masks (the batch seeds draw
+    the ones the model was scored on): the learning curve's "did it learn at all" line. Series are
+    robust-scaled, so zero is the training median. None for a loss that is not an MSE of the series
+    (BrainMass's matrix modelling and identification, the LCM's), where zero is no reference."""
+    from brainfoundry.models.base import masked_mean_per_sample
+
+    if not (hasattr(model, "patchify") and hasattr(model, "draw_masks")):
+        return None
+    x = batch["x"]
+    b = x.shape[0]
+    patches = model.patchify(x).float()
+    hidden, _ = model.draw_masks(batch, b, device=x.device)
+    valid = batch.get("mask")
+    valid = torch.ones(b, x.shape[1], dtype=torch.bool, device=x.device) if valid is None else valid.to(x.device)
+    valid = valid.view(b, 1, *patches.shape[2:4])
+    return float(masked_mean_per_sample(patches ** 2, hidden[..., None] & valid).mean())
 
 
 def _finetune_queries(model, source, cfg: TrainConfig, log) -> FoundationModel:

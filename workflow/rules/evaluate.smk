@@ -191,7 +191,8 @@ rule evaluate_examples:
 
 rule evaluate_merge:
     input:
-        evalwf.task_tables(EVAL_DIR, EVAL),
+        tables=evalwf.task_tables(EVAL_DIR, EVAL),
+        manifest=LAYOUT.manifest,
     output:
         metrics=f"{EVAL_DIR}/metrics.parquet",
         tsv=report(
@@ -214,6 +215,13 @@ rule evaluate_merge:
             category="Results",
             subcategory="Did pretraining help?",
         ),
+        headline=report(
+            f"{EVAL_DIR}/headline.html",
+            caption="../report/results_headline.rst",
+            category="Results",
+            subcategory="Did pretraining help?",
+        ),
+        headline_tsv=f"{EVAL_DIR}/headline.tsv",
         plots=[
             report(
                 f"{EVAL_DIR}/plots/{task}.png",
@@ -227,6 +235,8 @@ rule evaluate_merge:
     params:
         out_dir=lambda wildcards, output: str(Path(output.metrics).parent),
         tasks=" ".join(evalwf.baseline_tasks(EVAL)),
+        entry=ENTRY,
+        data=evalwf.data_description(config),
     log:
         f"{RESULTS}/logs/evaluate/merge.log",
     benchmark:
@@ -240,5 +250,6 @@ rule evaluate_merge:
     container:
         BF_IMAGE
     shell:
-        "brainfoundry evaluate --threads {threads} merge {input:q} --tasks {params.tasks} "
+        "brainfoundry evaluate --threads {threads} merge {input.tables:q} --tasks {params.tasks} "
+        "--manifest {input.manifest:q} --entry-point {params.entry} --data {params.data:q} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"

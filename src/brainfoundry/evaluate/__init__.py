@@ -5,7 +5,8 @@
 - ``folds``    the fold table every model and baseline shares (``folds.parquet``);
 - ``embed``    a model's embeddings of every evaluation run, computed once and cached (``.npz``);
 - ``task``     one model (or ``baseline``) x one task -> rows of the metrics table (+ a status ``.json``);
-- ``merge``    all task tables -> ``metrics.parquet``/``.tsv``, ``summary.html``, one plot per task;
+- ``merge``    all task tables -> ``metrics.parquet``/``.tsv``, ``summary.html``, ``headline.html``/``.tsv``,
+  the verdict and one plot per task;
 - ``examples`` reconstruction and forecast plots of a held-out run;
 - ``abide-fc`` the FC baseline on ABIDE PCP read directly from the ``.1D.gz`` files (no workflow).
 """
@@ -89,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--title", default="brainfoundry evaluation")
     sp.add_argument("--tasks", nargs="*", default=None, help="tasks to plot (one PNG each, even when empty)")
+    sp.add_argument("--manifest", default=None, help="shard manifest: runs, subjects and splits for 'what ran'")
+    sp.add_argument("--entry-point", default="", help="the workflow's entry point, for 'what ran'")
+    sp.add_argument("--data", default="", help="the input data, for 'what ran'")
 
     sp = common(sub.add_parser("examples", help="reconstruction and forecast plots of a held-out run"))
     sp.add_argument("--model", required=True)
@@ -236,7 +240,8 @@ def _task(args) -> int:
 
 def _merge(args) -> int:
     from brainfoundry.evaluate.settings import TASKS
-    from brainfoundry.evaluate.table import merge, plot_all, plot_verdict, write_html, write_table
+    from brainfoundry.evaluate.table import (merge, plot_all, plot_verdict, what_ran, write_headline, write_html,
+                                             write_table)
 
     out = Path(args.out_dir)
     table, status = merge(args.inputs)
@@ -246,5 +251,7 @@ def _merge(args) -> int:
     tasks = args.tasks if args.tasks else [t for t in TASKS if t in set(table["task"]) | set(status["task"])]
     plot_all(table, out / "plots", tasks)
     plot_verdict(table, out / "verdict.png")
+    write_headline(table, out / "headline.html", out / "headline.tsv",
+                   what_ran(args.manifest, args.entry_point, args.data), out / "verdict.png")
     print(f"merged {len(args.inputs)} task tables: {len(table)} rows -> {out / 'metrics.parquet'}")
     return 0

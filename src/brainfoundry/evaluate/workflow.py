@@ -132,11 +132,23 @@ def task_tables(eval_dir: str, ev: Mapping[str, Any]) -> list[str]:
     return out + [f"{eval_dir}/tasks/baseline/{t}.parquet" for t in baseline_tasks(ev)]
 
 
+def data_description(config: Mapping[str, Any]) -> str:
+    """The input data of the entry point, as the report's 'what ran' names it."""
+    entry = config.get("entry_point")
+    if entry == "timeseries":
+        ts = dict(config.get("timeseries", {}) or {})
+        return f"series {ts.get('series_dir', '?')}, phenotypes {ts.get('phenotypes', '?')}"
+    if entry == "derivatives":
+        return f"fMRIPrep derivatives {config.get('derivatives_dir')}"
+    return f"BIDS {config.get('bids_dir')}"
+
+
 def evaluation_targets(eval_dir: str, ev: Mapping[str, Any]) -> list[str]:
     """The merged table, summary, verdict, plots and per-model examples (the report's Results section)."""
     if not ev["models"] and not ev["tasks"]:
         return []
-    targets = [f"{eval_dir}/metrics.parquet", f"{eval_dir}/summary.html", f"{eval_dir}/verdict.png"]
+    targets = [f"{eval_dir}/metrics.parquet", f"{eval_dir}/summary.html", f"{eval_dir}/verdict.png",
+               f"{eval_dir}/headline.html", f"{eval_dir}/headline.tsv"]
     targets += [f"{eval_dir}/examples/{m}_{kind}.png" for m in evaluated_models(ev)
                 for kind in ("reconstruction", "forecast")]
     return targets
