@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, bin_path
 
 N_PARCELS = 10
@@ -28,7 +27,7 @@ def _snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600) -> s
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     cmd = [bin_path("snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--configfile", str(path), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def _dataset(root: Path, *, n_subjects: int = 7, n_volumes: int = 150, offset: float = 1e4,
@@ -234,8 +233,8 @@ def test_init_writes_a_config_that_validates_and_plans(tmp_path):
         pd.read_csv(data / "participants.tsv", sep="\t").assign(TR=2.0).to_csv(sep="\t", index=False))
     (data / "labels.tsv").unlink()  # no labels either: init writes parcel names through runfiles
     out = tmp_path / "my.yaml"
-    proc = subprocess.run([bin_path("brainfoundry"), "init", str(data), "--out", str(out)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([bin_path("brainfoundry"), "init", str(data), "--out", str(out)], check=False,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(out.read_text())
     assert config["entry_point"] == "timeseries"

@@ -197,7 +197,8 @@ def check_region_counts(shapes: Mapping[str, tuple[int, int]], files: Mapping[st
 def short_series(shapes: Mapping[str, tuple[int, int]], files: Mapping[str, str], config: Mapping[str, Any],
                  policy: str) -> list[str]:
     """Runs with fewer volumes than the model window. ``policy`` (``timeseries.short_series``):
-    ``skip`` returns them (the caller leaves them out; a warning names them), ``error`` raises."""
+    ``skip`` returns them (the caller leaves them out; a warning names them), ``error`` raises, ``keep``
+    only warns (they reach the shards; training and evaluation leave them out by length)."""
     window, key = model_window(config)
     if window is None:
         return []
@@ -209,9 +210,10 @@ def short_series(shapes: Mapping[str, tuple[int, int]], files: Mapping[str, str]
         raise InputError(files[short[0]], f"{len(short)} of {len(shapes)} series are shorter than the model "
                          f"window ({key} = {window} volumes): {listed}; lower {key} or set "
                          "timeseries.short_series: skip")
-    log.warning("%d of %d series are shorter than the model window (%s = %d volumes) and are left out "
-                "(timeseries.short_series: skip): %s", len(short), len(shapes), key, window, listed)
-    return short
+    done = "kept (timeseries.short_series: keep)" if policy == "keep" else "left out (timeseries.short_series: skip)"
+    log.warning("%d of %d series are shorter than the model window (%s = %d volumes) and are %s: %s",
+                len(short), len(shapes), key, window, done, listed)
+    return [] if policy == "keep" else short
 
 
 # -- the run table ------------------------------------------------------------------------------------------

@@ -54,6 +54,16 @@ ABIDE_COLUMNS = {"file_id": "FILE_ID", "subject": "SUB_ID", "site": "SITE_ID", "
 REQUIRED_MAPPED = ("subject",)
 _LABEL_RE = re.compile(r"[A-Za-z0-9]+")
 
+#: Defaults of the ``timeseries`` section (the schema documents the keys; the values live here).
+DEFAULTS = {
+    "dataset_name": "timeseries", "task": "rest", "format": "auto", "file_pattern": "{file_id}",
+    "columns": {}, "extra_columns": {}, "value_maps": {}, "missing_values": [],
+    "no_file_values": [], "subject_zero_pad": 0, "tr": None, "tr_by_site": {}, "tr_by_file": {},
+    "on_missing_file": "error", "include_sites": [], "include_subjects": [], "include_files": [],
+    "exclude_subjects": [], "max_runs_per_site": None, "compute_tsnr": False,
+    "standardize": "zscore", "short_series": "skip",
+}
+
 
 # -- configuration ----------------------------------------------------------------------------------
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,15 +72,7 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("phenotypes", "series_dir"):
         if not ts.get(key):
             raise ConfigError(f"timeseries.{key}", "required for entry_point: timeseries")
-    defaults = {
-        "dataset_name": "timeseries", "task": "rest", "format": "auto", "file_pattern": "{file_id}",
-        "columns": {}, "extra_columns": {}, "value_maps": {}, "missing_values": [],
-        "no_file_values": [], "subject_zero_pad": 0, "tr": None, "tr_by_site": {}, "tr_by_file": {},
-        "on_missing_file": "error", "include_sites": [], "include_subjects": [], "include_files": [],
-        "exclude_subjects": [], "max_runs_per_site": None, "compute_tsnr": False,
-        "standardize": "zscore", "short_series": "skip",
-    }
-    for key, value in defaults.items():
+    for key, value in DEFAULTS.items():
         ts.setdefault(key, value)
     ts["columns"] = dict(ts["columns"])
     if ts["format"] not in FORMATS:
@@ -522,7 +524,7 @@ def import_options(row: Mapping[str, Any], config: Mapping[str, Any]) -> str:
         mean_fd = float("nan")
     if math.isfinite(mean_fd):
         options.append(f"--mean-fd {mean_fd!r}")
-    ts = _settings(config)
+    ts = {**DEFAULTS, **dict(config.get("timeseries") or {})}
     if ts["compute_tsnr"]:
         options.append("--compute-tsnr")
     options.append(f"--standardize {ts['standardize']}")
