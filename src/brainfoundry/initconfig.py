@@ -110,7 +110,7 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
     notes: list[str] = []
     preproc = sorted(folder.rglob("*_desc-preproc_bold.nii*"))
     if preproc:
-        root = preproc[0]
+        root = preproc[0].parent
         while root.parent != root and not root.name.startswith("sub-"):
             root = root.parent
         tr = _repetition_time(sorted(folder.rglob("*_desc-preproc_bold.json")))
@@ -118,7 +118,7 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
         return {"entry_point": "derivatives", "derivatives_dir": str(root.parent), "tr": tr, "notes": notes}
     bold = sorted(p for p in folder.rglob("*_bold.nii*") if "/func/" in p.as_posix())
     if bold:
-        root = bold[0]
+        root = bold[0].parent
         while root.parent != root and not root.name.startswith("sub-"):
             root = root.parent
         tr = _repetition_time(sorted(folder.rglob("*_bold.json")))
