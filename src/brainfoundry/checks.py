@@ -7,7 +7,8 @@ The Snakefile calls, in order,
 - :func:`check_atlas`: the atlas keys the entry point needs (``atlas.path`` / ``atlas.url`` /
   ``atlas.labels``), files that do not exist, and parcel centroids for the families that need them;
 - :func:`check_run_table` once the run table is built: zero runs (after ``on_missing_file: skip``),
-  empty train/val/test splits, evaluation targets and LCM variables that no phenotype column provides.
+  evaluation targets and LCM variables that no phenotype column provides (errors), and empty
+  train/val/test splits (a warning: a partial run of one or two subjects is legitimate).
 
 The ``timeseries`` index (``brainfoundry.timeseries.index_timeseries``) calls
 :func:`check_region_counts` and :func:`short_series` on the series' shapes (read cheaply from headers).
@@ -222,7 +223,7 @@ def _provided(runs, name: str) -> bool:
 
 
 def check_run_table(config: Mapping[str, Any], runs) -> None:
-    """Zero runs, empty splits and phenotypes nobody provides: ConfigError before the DAG is built."""
+    """Zero runs and phenotypes nobody provides: ConfigError before the DAG is built; empty splits: a warning."""
     entry = config.get("entry_point")
     if len(runs) == 0:
         dropped = list(runs.attrs.get("dropped") or [])
@@ -245,11 +246,14 @@ def check_run_table(config: Mapping[str, Any], runs) -> None:
     needed = [n for n in SPLITS if n in ("train", heldout) or float(ratios.get(n, 1.0)) > 0]
     empty = [name for name in needed if counts[name] == 0]
     if empty:
+        # A warning, not an error: partial runs (the series or the shards of one or two subjects) are fine.
         told = ", ".join(f"{n} {counts[n]}" for n in SPLITS)
-        raise ConfigError("shards.split_ratios", f"the {'/'.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
-                          f"empty (subjects: {told} of {len(per_subject)}; ratios {ratios or 'default'}); "
-                          "training needs train and val subjects and the evaluation a held-out split. "
-                          "Use at least 3 subjects, or raise the empty split's ratio")
+        log.warning("config key 'shards.split_ratios': the %s split%s empty (subjects: %s of %d; ratios %s): "
+                    "pretraining needs train and val subjects and the evaluation scores nothing without a "
+                    "held-out split. With 3 or more subjects set shards.fill_empty_splits: true, or raise the "
+                    "empty split's ratio",
+                    "/".join(empty), "s are" if len(empty) > 1 else " is", told, len(per_subject),
+                    ratios or "default")
 
     families = list((config.get("pretrain") or {}).get("families") or [])
     if "lcm" in families:

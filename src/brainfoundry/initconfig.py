@@ -228,7 +228,7 @@ def build_config(found: dict[str, Any], out: Path) -> tuple[dict[str, Any], list
     patch = 20 if window % 20 == 0 else max(1, window // 6)
     while window % patch:
         patch -= 1
-    config["shards"] = {"window": window}
+    config["shards"] = {"window": window, "fill_empty_splits": True}
     pretrain: dict[str, Any] = {"families": families, "trainer": {"window": window},
                                 "brainlm": {"model": {"window": window, "patch_size": patch, **spatial}},
                                 "brainmass": {"model": dict(spatial)}}

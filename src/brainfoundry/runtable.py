@@ -60,7 +60,8 @@ def finalize(table: pd.DataFrame, config: dict) -> pd.DataFrame:
     table["subject"] = table["subject"].astype(str)
     table["bucket"] = [bucket_of(s, n_buckets) for s in table["subject"]]
     sites = {s: (None if pd.isna(site) else site) for s, site in zip(table["subject"], table["site"])}
-    splits = assign_splits(sites, seed, ratios, sites, holdout)  # no empty split with >= 3 subjects
+    # shards.fill_empty_splits (schema default false, templates true): no empty split with >= 3 subjects.
+    splits = assign_splits(sites, seed, ratios, sites, holdout, fill_empty=bool(shards.get("fill_empty_splits")))
     table["split"] = table["subject"].map(splits)
     table.index.name = "run_id"
     return table.sort_index()

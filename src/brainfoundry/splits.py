@@ -43,20 +43,23 @@ def split_of(subject: str, seed: int, ratios: Mapping[str, float], site: str | N
 
 
 def assign_splits(subjects: Iterable[str], seed: int, ratios: Mapping[str, float],
-                  sites: Mapping[str, str | None] | None = None, holdout_sites: Iterable[str] = ()) -> dict[str, str]:
-    """train/val/test for every subject: :func:`split_of`, then no empty split for small datasets.
+                  sites: Mapping[str, str | None] | None = None, holdout_sites: Iterable[str] = (),
+                  fill_empty: bool = False) -> dict[str, str]:
+    """train/val/test for every subject: :func:`split_of`, and with ``fill_empty`` no empty split.
 
-    With 3 or more subjects (and a positive ratio for the split), a split that the hash left empty gets
-    the one train subject whose hash lies nearest that split's share of [0, 1), and only while train
-    keeps at least one subject. Large datasets never trigger this, so their splits stay independent
-    of which other subjects exist; with 7 subjects and 70/15/15 a test split of zero subjects (the hash
-    gives each subject a 15 % chance) becomes one instead of an evaluation on nothing.
+    ``fill_empty`` (``shards.fill_empty_splits``): with 3 or more subjects (and a positive ratio for
+    the split), a split that the hash left empty gets the one train subject whose hash lies nearest
+    that split's share of [0, 1), while train keeps at least one subject. With 7 subjects and 70/15/15
+    the hash leaves the test split empty for about a third of seeds; this makes it one subject instead of
+    an evaluation on nothing. The price: while a split is filled this way, adding a subject can move
+    that one subject back (its shard bucket is rewritten too), so it is off by default and on in the
+    templates (large datasets never trigger it: their splits stay independent of other subjects).
     """
     sites = dict(sites or {})
     holdout = {str(s) for s in holdout_sites}
     unique = sorted({str(s) for s in subjects})
     out = {s: split_of(s, seed, ratios, sites.get(s), holdout) for s in unique}
-    if len(unique) < 3:
+    if not fill_empty or len(unique) < 3:
         return out
     total = sum(float(ratios[name]) for name in SPLITS)
     edges, edge = {}, 0.0
