@@ -11,7 +11,13 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+# Schema errors in a few lines naming the key (and the nearest valid ones), then Snakemake's validate
+# fills the schema defaults; the atlas keys the entry point needs are checked before any indexing.
+from brainfoundry.checks import check_atlas, check_config, check_run_table
+
+check_config(config, os.path.join(workflow.basedir, "config", "config.schema.yaml"))
 validate(config, "config/config.schema.yaml")
+check_atlas(config)
 
 
 # Before Snakemake takes its lock: say whether one already here belongs to a live run or a killed one.
@@ -31,6 +37,12 @@ wildcard_constraints:
 
 
 include: "workflow/rules/common.smk"
+
+
+# Zero runs, empty splits, phenotypes nobody provides: said now, not after the DAG ran (brainfoundry.checks).
+check_run_table(config, RUNS)
+
+
 include: "workflow/rules/bids.smk"
 include: "workflow/rules/fmriprep.smk"
 include: "workflow/rules/atlas.smk"

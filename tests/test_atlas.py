@@ -216,7 +216,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, directory=str(self.root), **kwargs)
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         self.hits.append(self.path)
         route = self.routes.get(self.path)
         return route(self) if route else super().do_GET()
@@ -524,3 +524,36 @@ def test_cc200_labels_without_resampling(tmp_path, shared_data):
     assert table[["x", "y", "z"]].notna().all().all()
     assert table["x"].between(-90, 90).all() and table["z"].between(-72, 110).all()
     assert sorted(p.name for p in out.iterdir()) == ["l.json", "l.tsv"]
+
+
+# -- labels only (timeseries entry point, issue 14) ----------------------------------------------------------
+@pytest.mark.parametrize("coords", [True, False])
+def test_labels_table_alone_prepares_the_atlas(tmp_path, coords):
+    from brainfoundry.runfiles import read_labels
+
+    table = pd.DataFrame({"index": [3, 1, 2], "name": ["c", "a", "b"]})
+    if coords:
+        table["x"], table["y"], table["z"] = [30.0, 10.0, 20.0], [1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]
+    src = tmp_path / "labels_in.tsv"
+    table.to_csv(src, sep="\t", index=False)
+    out = tmp_path / "out"
+    assert cli_main(["--labels", str(src), "--no-resample", "--name", "Mine", "--space", "MNI152NLin6Asym_res-2",
+                     "--out-labels", str(out / "l.tsv"), "--out-json", str(out / "l.json")]) == 0
+    labels = read_labels(out / "l.tsv")
+    assert list(labels["name"]) == ["a", "b", "c"]  # label order
+    if coords:
+        assert list(labels["x"]) == [10.0, 20.0, 30.0]
+    else:
+        assert labels[["x", "y", "z"]].isna().all().all()
+    info = json.loads((out / "l.json").read_text())
+    assert info["NParcels"] == 3 and info["Source"] is None and info["Centroids"] == ("labels table" if coords else None)
+    assert sorted(p.name for p in out.iterdir()) == ["l.json", "l.tsv"]
+
+
+def test_no_image_without_labels_or_for_resampling_names_atlas_path(tmp_path):
+    with pytest.raises(ConfigError, match="atlas.path"):
+        cli_main(["--no-resample", "--name", "M", "--space", "S", "--out-labels", str(tmp_path / "l.tsv"),
+                  "--out-json", str(tmp_path / "l.json")])
+    from brainfoundry.atlas import rule_source_args
+
+    assert rule_source_args({"path": None, "url": None, "labels": "x.tsv"}) == ""

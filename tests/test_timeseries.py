@@ -257,9 +257,10 @@ def test_rule_options_from_a_run_table_row():
     from brainfoundry.timeseries import import_options
 
     row = pd.Series({"timeseries_format": "abide_1d", "mean_fd": 0.0512})
-    assert import_options(row, {}) == "--format abide_1d --mean-fd 0.0512"
+    assert import_options(row, {}) == "--format abide_1d --mean-fd 0.0512 --standardize zscore"
+    assert import_options(row, {"timeseries": {"standardize": "none"}}).endswith("--standardize none")
     row["mean_fd"] = np.nan  # unknown FD is left out, not passed as nan
-    assert import_options(row, {"timeseries": {"compute_tsnr": True}}) == "--format abide_1d --compute-tsnr"
+    assert import_options(row, {"timeseries": {"compute_tsnr": True}}) == "--format abide_1d --compute-tsnr --standardize zscore"
 
 
 def test_abide_config_is_valid_alone_and_over_the_demo_config(repo_root):
@@ -276,3 +277,83 @@ def test_abide_config_is_valid_alone_and_over_the_demo_config(repo_root):
     bad["timeseries"]["tr_by_site"]["KKI"] = -2.5
     with pytest.raises(Exception, match="tr_by_site"):
         validate(bad, str(repo_root / "config" / "config.schema.yaml"))
+
+
+# -- scale, shapes and the start-up checks of the index (issue 14) ------------------------------------------
+@pytest.mark.parametrize("method", ["zscore", "demean", "none"])
+def test_import_standardizes_per_parcel_and_records_it(tmp_path, method):
+    from brainfoundry.runfiles import write_labels
+
+    rng = np.random.default_rng(3)
+    raw = 1e4 + 50 * rng.standard_normal((40, 3))
+    raw[:, 2] = 7.0  # a constant parcel: z-scored to 0, not NaN
+    src = tmp_path / "s.npy"
+    np.save(src, raw)
+    labels = tmp_path / "labels.tsv"
+    write_labels(labels, pd.DataFrame({"index": [1, 2, 3], "name": ["a", "b", "c"], "x": np.nan, "y": np.nan,
+                                       "z": np.nan, "n_voxels": np.nan, "network": ""}))
+    meta = import_run(src, labels, tmp_path / "o.parquet", tmp_path / "o.json", tr=2.0, run_id="sub-1_task-rest",
+                      atlas="A", space="S", standardize=method)
+    x = pq.read_table(tmp_path / "o.parquet").to_pandas().to_numpy()
+    assert meta["Standardize"]["method"] == method and meta["Standardize"]["centred"] is False
+    assert meta["QC"]["zero_variance_parcels"] == ["c"]  # QC on the values as read
+    if method == "none":
+        np.testing.assert_allclose(x, raw, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(x.mean(axis=0), 0, atol=1e-3)
+        expected_std = [1, 1, 0] if method == "zscore" else list(raw.std(axis=0))
+        np.testing.assert_allclose(x.std(axis=0), expected_std, rtol=1e-3, atol=1e-4)
+
+
+def test_scale_check_tells_raw_from_centred_series():
+    from brainfoundry.timeseries import scale_check
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((100, 5))
+    assert scale_check(noise)["centred"] and not scale_check(1e4 + 100 * noise)["centred"]
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "npy", "1D", "1D.gz"])
+def test_series_shape_reads_only_headers(tmp_path, fmt):
+    from brainfoundry.timeseries import series_shape
+
+    x = np.arange(35, dtype=float).reshape(7, 5) + 0.5
+    path = tmp_path / f"s.{fmt}"
+    if fmt == "npy":
+        np.save(path, x)
+    elif fmt.startswith("1D"):
+        _write_1d(path, x)
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        path.write_text(sep.join(f"c{i}" for i in range(5)) + "\n" + "\n".join(sep.join(map(str, r)) for r in x) + "\n")
+    assert series_shape(path) == (7, 5) == read_series_file(path)[0].shape
+
+
+def _series_folder(tmp_path, lengths, widths=None):
+    (tmp_path / "series").mkdir()
+    for i, n_t in enumerate(lengths):
+        np.save(tmp_path / "series" / f"s{i}.npy", np.zeros((n_t, (widths or {}).get(i, 4))))
+    pd.DataFrame({"sid": [f"s{i}" for i in range(len(lengths))]}).to_csv(tmp_path / "p.csv", index=False)
+    return {"timeseries": {"series_dir": str(tmp_path / "series"), "phenotypes": str(tmp_path / "p.csv"),
+                           "file_pattern": "{subject}.npy", "columns": {"subject": "sid"}, "tr": 2.0},
+            "shards": {"window": 50}}
+
+
+def test_index_skips_series_shorter_than_the_window_by_name(tmp_path, caplog):
+    config = _series_folder(tmp_path, [60, 30, 80])
+    with caplog.at_level("WARNING"):
+        table = index_timeseries(config)
+    assert list(table.index) == ["sub-s0_task-rest", "sub-s2_task-rest"] and list(table["n_volumes"]) == [60, 80]
+    assert "sub-s1_task-rest (30)" in caplog.text and "shards.window = 50" in caplog.text
+    assert any(d["run_id"] == "sub-s1_task-rest" for d in table.attrs["dropped"])
+    config["timeseries"]["short_series"] = "keep"
+    assert len(index_timeseries(config)) == 3
+    config["timeseries"]["short_series"] = "error"
+    with pytest.raises(InputError, match="s1.npy.*timeseries.short_series"):
+        index_timeseries(config)
+
+
+def test_index_names_series_with_another_region_count(tmp_path):
+    config = _series_folder(tmp_path, [60, 60, 60], widths={1: 3})
+    with pytest.raises(InputError, match=r"s1.npy: 3"):
+        index_timeseries(config)

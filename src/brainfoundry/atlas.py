@@ -31,9 +31,9 @@ import ssl
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -65,7 +65,7 @@ class Grid:
         return f"shape {self.shape}, affine {rows}"
 
     @classmethod
-    def of(cls, img: nib.spatialimages.SpatialImage) -> "Grid":
+    def of(cls, img: nib.spatialimages.SpatialImage) -> Grid:
         return cls(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=float))
 
 
@@ -528,12 +528,34 @@ def prepare_atlas(atlas_img: str | os.PathLike, *, out_labels: str | os.PathLike
     return PreparedAtlas(labels=table, lost=lost, empty=empty, resampled=target is not None)
 
 
+def prepare_labels_only(labels: str | os.PathLike, *, out_labels: str | os.PathLike, out_json: str | os.PathLike,
+                        name: str, space: str | None = None) -> pd.DataFrame:
+    """The labels TSV (+ JSON) of an atlas known only by its labels table (``timeseries`` entry point).
+
+    Centroids are the table's ``x, y, z`` where given, else unknown (NaN: only families with
+    ``spatial_embedding: learned`` can use such an atlas; brainfoundry.checks says so at start-up).
+    ``n_voxels`` is unknown without an image.
+    """
+    table = read_labels_table(labels)
+    table["n_voxels"] = np.nan
+    table = table[LABEL_COLUMNS]
+    write_labels(out_labels, table)
+    has_xyz = not table[["x", "y", "z"]].isna().any(axis=None)
+    write_json_atomic(out_json, {
+        "Atlas": name, "Space": space, "Source": None, "SourceSha256": None, "LabelsSource": os.fspath(labels),
+        "NParcels": len(table), "Resampled": False, "Interpolation": None, "Grid": None,
+        "Centroids": "labels table" if has_xyz else None, "LostParcels": [], "EmptyParcels": [],
+        **provenance([labels], {"atlas": name, "space": space, "labels_only": True}),
+    })
+    return table
+
+
 # -- command line -----------------------------------------------------------------------------------
 
 def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="brainfoundry atlas-prepare", description=__doc__.splitlines()[0])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--atlas", help="local NIfTI label image")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--atlas", help="local NIfTI label image (optional with --no-resample and --labels)")
     src.add_argument("--url", help="https URL of the label image (needs --sha256)")
     parser.add_argument("--sha256", help="expected sha256 of the downloaded image")
     parser.add_argument("--cache-dir", default=".cache/brainfoundry/atlases", help="download cache")
@@ -554,6 +576,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.atlas and not args.url:
+        if not (args.labels and args.no_resample):
+            raise ConfigError("atlas.path", "no atlas image (atlas.path / atlas.url); a labels table alone "
+                                            "(atlas.labels) is enough only for already parcellated series")
+        table = prepare_labels_only(args.labels, out_labels=args.out_labels, out_json=args.out_json,
+                                    name=args.name, space=args.space)
+        log.info("atlas %s: %d parcels from %s (no image)", args.name, len(table), args.labels)
+        return 0
     if args.url:
         path = fetch_atlas(args.url, args.sha256 or "", args.cache_dir, cafile=args.ca_bundle,
                            max_bytes=args.max_bytes, timeout=args.timeout)
@@ -597,6 +627,8 @@ def rule_source_args(atlas_cfg: dict) -> str:
     """``--atlas PATH`` or ``--url URL --sha256 H --cache-dir D --max-bytes N`` (shell-quoted)."""
     import shlex
 
+    if not atlas_cfg.get("url") and not atlas_cfg.get("path"):
+        return ""  # labels only (timeseries entry point; brainfoundry.checks.check_atlas made sure)
     if atlas_cfg.get("url"):
         return (f"--url {shlex.quote(atlas_cfg['url'])} --sha256 {shlex.quote(str(atlas_cfg.get('sha256') or ''))} "
                 f"--cache-dir {shlex.quote(str(atlas_cfg.get('cache_dir', '.cache/brainfoundry/atlases')))} "

@@ -14,6 +14,7 @@ from brainfoundry.errors import BrainfoundryError
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("brainfoundry.initconfig:cli_main", "inspect a folder (BIDS, fMRIPrep, series + table) and write a config"),
     "demo-data": ("brainfoundry.demo:cli_main", "write the embedded demo dataset (raw BIDS + fMRIPrep derivatives)"),
     "index": ("brainfoundry.bids:cli_main", "index a BIDS / derivatives / time-series dataset into the run table"),
     "fmriprep-cmd": ("brainfoundry.fmriprep:cli_main", "build (and optionally run) the fMRIPrep command for one subject"),

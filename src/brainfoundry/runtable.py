@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainfoundry.errors import ConfigError
-from brainfoundry.splits import bucket_of, split_of
+from brainfoundry.splits import assign_splits, bucket_of
 
 REQUIRED_COLUMNS = ("subject", "session", "task", "run", "dataset", "site", "tr")
 
@@ -59,10 +59,10 @@ def finalize(table: pd.DataFrame, config: dict) -> pd.DataFrame:
     table = table.copy()
     table["subject"] = table["subject"].astype(str)
     table["bucket"] = [bucket_of(s, n_buckets) for s in table["subject"]]
-    table["split"] = [
-        split_of(s, seed, ratios, None if pd.isna(site) else site, holdout)
-        for s, site in zip(table["subject"], table["site"])
-    ]
+    sites = {s: (None if pd.isna(site) else site) for s, site in zip(table["subject"], table["site"])}
+    # shards.fill_empty_splits (schema default false, templates true): no empty split with >= 3 subjects.
+    splits = assign_splits(sites, seed, ratios, sites, holdout, fill_empty=bool(shards.get("fill_empty_splits")))
+    table["split"] = table["subject"].map(splits)
     table.index.name = "run_id"
     return table.sort_index()
 

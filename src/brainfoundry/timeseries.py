@@ -30,8 +30,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,11 +43,26 @@ from brainfoundry.naming import run_prefix
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "abide_1d", "tsv", "csv", "npy")
+#: timeseries.standardize: per run and parcel over time, at import (before pFC, shards and baselines).
+STANDARDIZE = ("zscore", "demean", "none")
+#: A series is "not centred" when, for the median parcel, |mean| exceeds this many standard deviations
+#: (means dominate the variance: raw BOLD around 1e4 with fluctuations of ~1 %, not a denoised series).
+CENTRED_MAX_MEAN_OVER_STD = 1.0
 #: Contract name -> phenotype column, as the ABIDE PCP phenotype file names them (config default).
 ABIDE_COLUMNS = {"file_id": "FILE_ID", "subject": "SUB_ID", "site": "SITE_ID", "age": "AGE_AT_SCAN",
                  "sex": "SEX", "diagnosis": "DX_GROUP", "mean_fd": "func_mean_fd"}
 REQUIRED_MAPPED = ("subject",)
 _LABEL_RE = re.compile(r"[A-Za-z0-9]+")
+
+#: Defaults of the ``timeseries`` section (the schema documents the keys; the values live here).
+DEFAULTS = {
+    "dataset_name": "timeseries", "task": "rest", "format": "auto", "file_pattern": "{file_id}",
+    "columns": {}, "extra_columns": {}, "value_maps": {}, "missing_values": [],
+    "no_file_values": [], "subject_zero_pad": 0, "tr": None, "tr_by_site": {}, "tr_by_file": {},
+    "on_missing_file": "error", "include_sites": [], "include_subjects": [], "include_files": [],
+    "exclude_subjects": [], "max_runs_per_site": None, "compute_tsnr": False,
+    "standardize": "zscore", "short_series": "skip",
+}
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -56,14 +72,7 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("phenotypes", "series_dir"):
         if not ts.get(key):
             raise ConfigError(f"timeseries.{key}", "required for entry_point: timeseries")
-    defaults = {
-        "dataset_name": "timeseries", "task": "rest", "format": "auto", "file_pattern": "{file_id}",
-        "columns": {}, "extra_columns": {}, "value_maps": {}, "missing_values": [],
-        "no_file_values": [], "subject_zero_pad": 0, "tr": None, "tr_by_site": {}, "tr_by_file": {},
-        "on_missing_file": "error", "include_sites": [], "include_subjects": [], "include_files": [],
-        "exclude_subjects": [], "max_runs_per_site": None, "compute_tsnr": False,
-    }
-    for key, value in defaults.items():
+    for key, value in DEFAULTS.items():
         ts.setdefault(key, value)
     ts["columns"] = dict(ts["columns"])
     if ts["format"] not in FORMATS:
@@ -98,7 +107,7 @@ def read_phenotypes(path: str | Path, missing_values=()) -> pd.DataFrame:
 def _subject_label(raw: Any, pad: int, source: Path) -> str:
     """A BIDS subject label: ``sub-`` stripped, integers zero-padded to ``pad`` digits, alphanumeric."""
     text = _code(raw)
-    text = text[4:] if text.startswith("sub-") else text
+    text = text.removeprefix("sub-")
     if pad and text.isdigit():
         text = text.zfill(pad)
     if not _LABEL_RE.fullmatch(text):
@@ -179,11 +188,39 @@ def index_timeseries(config: Mapping[str, Any]) -> pd.DataFrame:
     out["timeseries_format"] = pd.Series(formats)
     out["tr"] = [_tr_of(row, table.loc[idx], ts) for idx, row in out.iterrows()]
     out = out.set_index("run_id").sort_index()
+    out = _check_shapes(out, config, ts, dropped)
     out.attrs["dropped"] = dropped
     if dropped:
         reasons = pd.Series([d["reason"].split(":")[0] for d in dropped]).value_counts()
         log.warning("timeseries index: %d of %d phenotype rows left out (%s)", len(dropped), len(table),
                     ", ".join(f"{n} {r}" for r, n in reasons.items()))
+    return out
+
+
+def _check_shapes(out: pd.DataFrame, config: Mapping[str, Any], ts: Mapping[str, Any],
+                  dropped: list) -> pd.DataFrame:
+    """Read each series' shape (cheap: a header or a line count, no values parsed) and apply the
+    start-up checks of brainfoundry.checks: one region count for all files, no series shorter than
+    the model window (``timeseries.short_series``: skip names them, error stops)."""
+    from brainfoundry import checks
+
+    shapes = {run_id: series_shape(path, fmt)
+              for run_id, path, fmt in zip(out.index, out["timeseries_file"], out["timeseries_format"])}
+    checks.check_region_counts(shapes, dict(zip(out.index, out["timeseries_file"])), config)
+    short = checks.short_series(shapes, dict(zip(out.index, out["timeseries_file"])), config, ts["short_series"])
+    for run_id in short:
+        dropped.append({"run_id": run_id, "file_id": str(out.loc[run_id, "file_id"]),
+                        "reason": f"shorter than the model window: {shapes[run_id][0]} volumes"})
+    out["n_volumes"] = [shapes[r][0] for r in out.index]
+    out = out.drop(index=short)
+    if len(out):  # one file's values, so raw-scaled data is said at start-up, not only in job logs
+        first = out["timeseries_file"].iloc[0]
+        scale = scale_check(read_series_file(first, out["timeseries_format"].iloc[0])[0])
+        if not scale["centred"]:
+            log.warning("%s: series are not centred (median parcel |mean| / std = %.3g); timeseries.standardize: "
+                        "%s%s", first, scale["median_abs_mean_over_std"], ts["standardize"],
+                        " leaves them so: baselines that keep each run's offset will look far better than they are"
+                        if ts["standardize"] == "none" else " is applied at import")
     return out
 
 
@@ -257,7 +294,7 @@ def _tr_of(row: pd.Series, raw: pd.Series, ts: Mapping[str, Any]) -> float:
 def detect_format(path: str | Path) -> str:
     """``abide_1d`` / ``tsv`` / ``csv`` / ``npy`` from the file name."""
     name = Path(path).name.lower()
-    name = name[:-3] if name.endswith(".gz") else name
+    name = name.removesuffix(".gz")
     for suffix, fmt in ((".1d", "abide_1d"), (".tsv", "tsv"), (".csv", "csv"), (".npy", "npy")):
         if name.endswith(suffix):
             return fmt
@@ -319,6 +356,40 @@ def _parse_1d_header(line: str, path: Path) -> list[int]:
         raise InputError(path, f"header line is not '#1 ... #N' label numbers: {line[:80]!r}") from None
 
 
+def series_shape(path: str | Path, fmt: str = "auto") -> tuple[int, int]:
+    """``(volumes, parcels)`` of a series file without parsing its values (start-up checks).
+
+    NPY: the array header. Text formats: the ``.1D`` header's label count (else the first row's
+    fields) and the number of non-empty, non-comment rows (less a TSV/CSV header row of names).
+    """
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    try:
+        if fmt == "npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            if len(shape) != 2:
+                raise InputError(path, f"expected a 2-D [time, parcel] array, got shape {shape}")
+            return int(shape[0]), int(shape[1])
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as handle:
+            lines = [ln.strip() for ln in handle.read().splitlines()]  # bytes: ~3x faster than text lines
+        lines = [ln for ln in lines if ln]
+        comments = [ln for ln in lines if ln.startswith(b"#")]
+        body = [ln for ln in lines if not ln.startswith(b"#")]
+        n_cols = None
+        if fmt == "abide_1d" and comments:
+            n_cols = len(_parse_1d_header(comments[0].decode("utf-8", "replace"), path))
+        n_rows = len(body)
+        if body:
+            first = body[0].decode("utf-8", "replace")
+            delim = {"tsv": "\t", "csv": ","}.get(fmt)
+            n_cols = n_cols if n_cols is not None else len(first.split(delim) if delim else first.split())
+            if delim and not _is_numeric_row(first, delim):
+                n_rows -= 1  # a header row of parcel names
+    except (OSError, EOFError, ValueError) as err:
+        raise InputError(path, f"cannot read {fmt} series ({err})") from err
+    return n_rows, int(n_cols or 0)
+
+
 def _is_numeric_row(line: str, delim: str) -> bool:
     try:
         [float(v) for v in line.split(delim)]
@@ -350,8 +421,14 @@ def series_qc(data: np.ndarray, names: list[str], compute_tsnr: bool) -> dict[st
 
 def import_run(source: str | Path, labels_tsv: str | Path, out: str | Path, sidecar: str | Path, *,
                tr: float, run_id: str, atlas: str, space: str, fmt: str = "auto",
-               mean_fd: float | None = None, compute_tsnr: bool = False) -> dict[str, Any]:
+               mean_fd: float | None = None, compute_tsnr: bool = False,
+               standardize: str = "none") -> dict[str, Any]:
     """Read one series file and write the per-run time-series parquet and sidecar (both atomically).
+
+    ``standardize`` (``timeseries.standardize``): ``zscore`` or ``demean`` each parcel over the run's
+    volumes, or ``none`` (the values as they are; the default of this function, not of the config).
+    QC is computed on the values as read; the sidecar's ``Standardize`` block says what was done and
+    whether the source was centred (a warning is logged when it was not).
 
     Raises
     ------
@@ -379,7 +456,16 @@ def import_run(source: str | Path, labels_tsv: str | Path, out: str | Path, side
         raise InputError(source, f"only {n_t} volume(s); a time series needs at least 2")
     if not tr or tr <= 0 or not math.isfinite(tr):
         raise InputError(source, f"repetition time must be a positive number of seconds, got {tr!r}")
-    values = data.astype(np.float32)
+    if standardize not in STANDARDIZE:
+        raise ConfigError("timeseries.standardize", f"must be one of {STANDARDIZE}, got {standardize!r}")
+    scale = scale_check(data)
+    if not scale["centred"]:
+        done = {"none": "left as they are (timeseries.standardize: none): baselines that keep a run's "
+                        "offset will look far better than they are",
+                "demean": "demeaned per parcel", "zscore": "z-scored per parcel"}[standardize]
+        log.warning("%s: series are not centred (median parcel |mean| / std = %.3g); %s", source,
+                    scale["median_abs_mean_over_std"], done)
+    values = standardized(data, standardize).astype(np.float32)
     if not np.isfinite(values).all():
         raise InputError(source, "values overflow float32")
 
@@ -396,13 +482,34 @@ def import_run(source: str | Path, labels_tsv: str | Path, out: str | Path, side
         "SourceFile": os.fspath(source),
         "SourceFormat": detect_format(source) if fmt == "auto" else fmt,
         "QC": qc,
+        "Standardize": {"method": standardize, "axis": "time, per parcel", "step": "import", **scale},
         "QCNotes": ("imported series: censoring and non-steady-state volumes are unknown (null); "
                     "mean_fd comes from the phenotype table; tsnr is null unless timeseries.compute_tsnr "
                     "(denoised series such as ABIDE PCP are demeaned, so tSNR is not meaningful)"),
         **provenance([source, labels_tsv], {"format": fmt, "tr": float(tr), "atlas": atlas, "space": space,
-                                            "compute_tsnr": bool(compute_tsnr)}),
+                                            "compute_tsnr": bool(compute_tsnr), "standardize": standardize}),
     }
     return write_series(out, values, names, info, sidecar_path=sidecar)
+
+
+def scale_check(data: np.ndarray) -> dict[str, Any]:
+    """Whether a ``[T, N]`` series is centred: the median over parcels of ``|mean| / std`` (parcels
+    with zero variance left out) is at most :data:`CENTRED_MAX_MEAN_OVER_STD`."""
+    std = data.std(axis=0)
+    ok = std > 0
+    ratio = float(np.median(np.abs(data.mean(axis=0)[ok]) / std[ok])) if ok.any() else 0.0
+    return {"median_abs_mean_over_std": ratio, "centred": bool(ratio <= CENTRED_MAX_MEAN_OVER_STD)}
+
+
+def standardized(data: np.ndarray, method: str) -> np.ndarray:
+    """``data`` z-scored or demeaned per parcel over time (zero-variance parcels become 0), or as is."""
+    if method == "none":
+        return data
+    centred = data - data.mean(axis=0, keepdims=True)
+    if method == "demean":
+        return centred
+    std = centred.std(axis=0, keepdims=True)
+    return np.divide(centred, std, out=np.zeros_like(centred), where=std > 0)
 
 
 def import_options(row: Mapping[str, Any], config: Mapping[str, Any]) -> str:
@@ -414,8 +521,10 @@ def import_options(row: Mapping[str, Any], config: Mapping[str, Any]) -> str:
         mean_fd = float("nan")
     if math.isfinite(mean_fd):
         options.append(f"--mean-fd {mean_fd!r}")
-    if (config.get("timeseries") or {}).get("compute_tsnr", False):
+    ts = {**DEFAULTS, **dict(config.get("timeseries") or {})}
+    if ts["compute_tsnr"]:
         options.append("--compute-tsnr")
+    options.append(f"--standardize {ts['standardize']}")
     return " ".join(options)
 
 
@@ -434,8 +543,11 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=FORMATS, default="auto")
     parser.add_argument("--mean-fd", type=float, default=None, help="mean framewise displacement (phenotypes)")
     parser.add_argument("--compute-tsnr", action="store_true")
+    parser.add_argument("--standardize", choices=STANDARDIZE, default="none",
+                        help="per parcel over time (the workflow passes timeseries.standardize)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import_run(args.source, args.labels, args.out, args.sidecar, tr=args.tr, run_id=args.run_id,
                atlas=args.atlas, space=args.space, fmt=args.format, mean_fd=args.mean_fd,
-               compute_tsnr=args.compute_tsnr)
+               compute_tsnr=args.compute_tsnr, standardize=args.standardize)
     return 0
