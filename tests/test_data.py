@@ -347,6 +347,27 @@ def test_flipped_bit_in_a_shard_is_a_named_error(tmp_path):
         list(ds)
 
 
+def test_page_checksums_are_skipped_only_for_shards_whose_sha256_was_checked(tmp_path):
+    import os
+
+    from brainfoundry.testing import write_synthetic_shards
+    from test_io import flip_byte
+
+    out = write_synthetic_shards(tmp_path / "shards", n_subjects=8, n_parcels=16, n_timepoints=80, pfc=False)
+    shard = out / "bucket-0.parquet"
+    ds = ShardDataset(out, split=None, window=20, scale=False, shuffle=False)
+    assert shards.sha256_verified(shard)
+    first = [b["x"].clone() for b in ds]
+    # Changed after the check (new mtime): no longer counted as verified, so the page CRCs apply again.
+    flip_byte(shard, "timeseries")
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert not shards.sha256_verified(shard)
+    with pytest.raises(InputError, match=r"bucket-0\.parquet: corrupt shard \(row group 0\): parquet page checksum"):
+        list(ds)
+    assert len(first) == ds.n_samples
+
+
 def test_shards_are_hashed_once_per_process(built, tmp_path):
     import shutil
 

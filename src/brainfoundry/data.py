@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from brainfoundry.errors import ConfigError, InputError
 from brainfoundry.io import PARQUET_READ_OPTIONS, parquet_error
 from brainfoundry.shards import (
-    check_compatible, decode_binary, find_shards, open_shard, read_norm_stats, shard_metadata, verify_shards)
+    check_compatible, decode_binary, find_shards, open_shard, read_norm_stats, sha256_verified, shard_metadata,
+    verify_shards)
 
 INDEX_COLUMNS = ("run_id", "subject", "split", "n_timepoints", "n_parcels", "age", "sex", "diagnosis", "site")
 CATEGORICAL = ("sex", "diagnosis", "site")
@@ -336,7 +337,10 @@ class ShardDataset(IterableDataset):
         """
         shard, rg = self.unit_keys[unit]
         if shard not in files:
-            files[shard] = open_shard(self.paths[shard], memory_map=True)[0]
+            # Page CRCs cost more CPU than the npy floor's whole read; a shard whose sha256 was
+            # checked against the manifest needs no second check of the same bytes.
+            files[shard] = open_shard(self.paths[shard], memory_map=True,
+                                      verify_pages=not sha256_verified(self.paths[shard]))[0]
         columns = ["timeseries", "zero_variance"] + (["pfc", "pfc_n_views"] if self.want_pfc else [])
         try:
             table = files[shard].read_row_group(rg, columns=columns, use_threads=False)

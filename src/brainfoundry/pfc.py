@@ -7,9 +7,9 @@ as the upper triangle in ``numpy.triu_indices(N, k=1)`` order.
 How the views are computed (``method="gram"``, the default): the series is centred once on its full
 mean and its Gram matrix ``G = XᵀX`` and column sums ``s`` are formed once. A view that keeps the set
 ``S`` and drops ``D`` then needs only the dropped points' contribution,
-``C_S = G - X_DᵀX_D - s_S s_Sᵀ / n``, ``s_S = s - Σ_D x``, i.e. one batched matmul over the dropped
-points (20 % of T) instead of one over the kept points (80 %). ``method="direct"`` centres the kept
-points of each view and multiplies them (the plain float32 matmul floor). Both are checked against
+``C_S = G - X_DᵀX_D - s_S s_Sᵀ / n``, ``s_S = s - Σ_D x``, i.e. one symmetric rank-k update (BLAS
+``ssyrk``, upper triangle only) over the dropped points (20 % of T) instead of a matmul over the kept
+points (80 %). ``method="direct"`` centres the kept points of each view and forms their ``ssyrk``. Both are checked against
 ``numpy.corrcoef`` in the tests; ``benchmarks/bench_pfc.py`` measures speed and error.
 
 Zero variance: a parcel with no variance over the kept points has no defined correlation; it is set
@@ -35,8 +35,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,8 +54,6 @@ ZERO_VARIANCE_RTOL = 1e-5
 #: Fewer kept points than this can never give a correlation (with 2 points every r is +-1).
 MIN_KEPT_ABSOLUTE = 3
 METHODS = ("gram", "direct")
-#: Views are computed in chunks so that a chunk's N x N work arrays stay under this many bytes.
-CHUNK_BYTES = 256 * 2**20
 
 
 # -- seeds and kept time points ------------------------------------------------------------------
@@ -120,8 +119,8 @@ def _centred(series: np.ndarray) -> np.ndarray:
     return xc
 
 
-def pfc_views(series: np.ndarray, keep: np.ndarray, *, fisher_z: bool = False, method: str = "gram",
-              chunk_size: int | None = None) -> np.ndarray:
+def pfc_views(series: np.ndarray, keep: np.ndarray, *, fisher_z: bool = False,
+              method: str = "gram") -> np.ndarray:
     """pFC views of one run: ``[K, N*(N-1)/2]`` float32 upper triangles.
 
     Parameters
@@ -135,14 +134,20 @@ def pfc_views(series: np.ndarray, keep: np.ndarray, *, fisher_z: bool = False, m
     method : {"gram", "direct"}
         "gram" subtracts the dropped points from the full Gram matrix; "direct" multiplies the
         centred kept points (module docstring).
-    chunk_size : int, optional
-        Views per batched matmul; by default as many as keep the work arrays under ``CHUNK_BYTES``.
 
     Returns
     -------
     numpy.ndarray
         float32 ``[K, E]``; zero-variance parcels give 0, never NaN.
+
+    Each view is one BLAS ``ssyrk`` (only the upper triangle is formed: half a general matmul's
+    work) into a Fortran-ordered ``N x N`` buffer that stays in cache; the rank-one mean
+    correction rides in the same call as one extra row, the correlation scaling is two in-place
+    passes over that buffer, and the triangle is gathered straight into the output row. Views are
+    computed one at a time, so a view's values do not depend on which others share the call.
     """
+    from scipy.linalg.blas import ssyrk
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     xc = _centred(series)
@@ -154,56 +159,42 @@ def pfc_views(series: np.ndarray, keep: np.ndarray, *, fisher_z: bool = False, m
     if counts.size and counts.min() < MIN_KEPT_ABSOLUTE:
         raise ValueError(f"every view must keep >= {MIN_KEPT_ABSOLUTE} time points, got {int(counts.min())}")
     iu, ju = np.triu_indices(n_p, k=1)
-    flat, diag = iu * n_p + ju, np.arange(n_p) * (n_p + 1)
+    upper = iu + ju * n_p  # position of (i, j), i < j, in the Fortran-ordered buffer
     ss_full = np.einsum("ti,ti->i", xc, xc, dtype=np.float64).astype(np.float32)
-    if chunk_size is None:
-        chunk_size = max(1, CHUNK_BYTES // (3 * 4 * n_p * n_p))
-    gram = xc.T @ xc if method == "gram" else None
+    floor = ZERO_VARIANCE_RTOL * ss_full
     total = xc.sum(axis=0, dtype=np.float64).astype(np.float32)
+    # ssyrk(alpha, A, beta, C) = alpha A Aᵀ + beta C; A = rowsᵀ is a no-copy view of C-ordered rows.
+    gram = ssyrk(1.0, xc.T, trans=0, lower=0) if method == "gram" else None
+    rows = np.empty((n_t + 1, n_p), dtype=np.float32)
+    cov = np.zeros((n_p, n_p), dtype=np.float32, order="F")  # ssyrk never writes the lower half: keep it 0
     out = np.empty((keep.shape[0], iu.size), dtype=np.float32)
-    for start in range(0, keep.shape[0], chunk_size):  # chunks of views, each one batched matmul
-        part = keep[start:start + chunk_size]
-        n = counts[start:start + chunk_size].astype(np.float32)[:, None]
+    for v in range(keep.shape[0]):
+        n = np.float32(counts[v])
         if method == "gram":
-            xd = _gather(xc, ~part)  # the dropped points
-            dropped = np.matmul(xd.transpose(0, 2, 1), xd).reshape(len(part), -1)
-            sums = total - xd.sum(axis=1)
-            # Only the upper triangle and the diagonal are ever needed: subtract there, not on N x N.
-            cov = gram.reshape(-1)[flat] - dropped[:, flat] - sums[:, iu] * sums[:, ju] / n
-            var = gram.reshape(-1)[diag] - dropped[:, diag] - sums * sums / n
+            # C_S = G - X_DᵀX_D - s_S s_Sᵀ/n: the dropped rows and s_S/sqrt(n) in one call with alpha -1.
+            picked = np.flatnonzero(~keep[v])
+            m = picked.size
+            np.take(xc, picked, axis=0, out=rows[:m])
+            rows[m] = (total - rows[:m].sum(axis=0)) / np.sqrt(n)
+            np.copyto(cov, gram)
+            cov = ssyrk(-1.0, rows[:m + 1].T, beta=1.0, c=cov, trans=0, lower=0, overwrite_c=1)
         else:
-            xs = _gather(xc, part)
-            cross = np.matmul(xs.transpose(0, 2, 1), xs).reshape(len(part), -1)
-            sums = xs.sum(axis=1)
-            cov = cross[:, flat] - sums[:, iu] * sums[:, ju] / n
-            var = cross[:, diag] - sums * sums / n
-        out[start:start + chunk_size] = _normalise(cov, var, ss_full, iu, ju, fisher_z)
-    return out
-
-
-def _gather(xc: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``[K, L, N]``: the rows of ``xc`` where each mask row is True, zero-padded to the longest row.
-
-    Zero rows add nothing to a Gram matrix or a sum, so views may select different counts.
-    """
-    length = int(mask.sum(axis=1).max()) if mask.size else 0
-    # A stable argsort of ~mask puts each row's True positions first, in time order.
-    rows = np.argsort(~mask, axis=1, kind="stable")[:, :length]
-    picked = xc[rows]
-    valid = np.take_along_axis(mask, rows, axis=1)
-    if not valid.all():
-        picked *= valid[..., None]
-    return picked
-
-
-def _normalise(cov, var, ss_full, iu, ju, to_z):
-    """Correlation from covariance; zero-variance parcels give 0; optional Fisher z (numpy)."""
-    flat_var = var <= ZERO_VARIANCE_RTOL * ss_full
-    std = np.sqrt(np.where(flat_var, 1.0, var))
-    r = cov / (std[:, iu] * std[:, ju])
-    r[flat_var[:, iu] | flat_var[:, ju]] = 0.0
-    np.clip(r, -1.0, 1.0, out=r)
-    return fisher_z(r) if to_z else r
+            picked = np.flatnonzero(keep[v])
+            m = picked.size
+            np.take(xc, picked, axis=0, out=rows[:m])
+            rows[:m] -= rows[:m].mean(axis=0, dtype=np.float64).astype(np.float32)
+            cov = ssyrk(1.0, rows[:m].T, beta=0.0, c=cov, trans=0, lower=0, overwrite_c=1)
+        var = cov.diagonal()
+        # 1/std, and 0 for a zero-variance parcel, so its correlations come out 0 with no mask pass.
+        inv = np.zeros(n_p, dtype=np.float32)
+        np.divide(1.0, np.sqrt(var, where=var > floor, out=np.ones(n_p, np.float32)), out=inv, where=var > floor)
+        cov *= inv[:, None]
+        cov *= inv[None, :]
+        np.take(cov.reshape(-1, order="F"), upper, out=out[v])
+    if fisher_z:
+        np.clip(out, -FISHER_Z_CLIP, FISHER_Z_CLIP, out=out)
+        return np.arctanh(out, out=out)
+    return np.clip(out, -1.0, 1.0, out=out)
 
 
 def regenerate_view(series: np.ndarray, seed: int, keep_fraction: float, fisher_z: bool = False,
@@ -215,7 +206,7 @@ def regenerate_view(series: np.ndarray, seed: int, keep_fraction: float, fisher_
 
 # -- torch ------------------------------------------------------------------------------------------
 def random_keep_mask(batch: int, n_views: int, n_timepoints: int, keep_fraction: float,
-                     generator: "torch.Generator | None" = None, device=None) -> "torch.Tensor":
+                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Bool ``[B, K, T]``: each view keeps ``n_kept(T, keep_fraction)`` points drawn from ``generator``."""
     import torch
 
@@ -225,9 +216,9 @@ def random_keep_mask(batch: int, n_views: int, n_timepoints: int, keep_fraction:
     return torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, kept, True)
 
 
-def pfc_views_torch(x: "torch.Tensor", keep_mask: "torch.Tensor | None" = None, *,
+def pfc_views_torch(x: torch.Tensor, keep_mask: torch.Tensor | None = None, *,
                     keep_fraction: float | None = None, n_views: int | None = None,
-                    generator: "torch.Generator | None" = None, fisher_z: bool = False) -> "torch.Tensor":
+                    generator: torch.Generator | None = None, fisher_z: bool = False) -> torch.Tensor:
     """Batched pFC views on torch tensors (any device): ``[B, T, N] -> [B, K, E]``.
 
     The Gram computation of ``pfc_views`` (same zero-variance rule, same Fisher z clip), so with the

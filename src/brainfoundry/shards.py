@@ -475,14 +475,18 @@ def shard_metadata(path: str | Path, schema: pa.Schema | None = None) -> dict[st
     return meta
 
 
-def open_shard(path: str | Path, memory_map: bool = False) -> tuple[pq.ParquetFile, dict[str, Any]]:
+def open_shard(path: str | Path, memory_map: bool = False,
+               verify_pages: bool = True) -> tuple[pq.ParquetFile, dict[str, Any]]:
     """A ``ParquetFile`` for streaming reads plus its validated metadata.
 
     ``memory_map`` reads pages straight from the page cache (one copy less per row group: about half
-    the decode time of uncompressed series in ``benchmarks/bench_reader.py``).
+    the decode time of uncompressed series in ``benchmarks/bench_reader.py``). ``verify_pages=False``
+    skips the page CRCs; only for a shard whose whole-file sha256 this process has already checked
+    (:func:`sha256_verified`), where the CRCs would check the same bytes again.
     """
+    options = PARQUET_READ_OPTIONS if verify_pages else {**PARQUET_READ_OPTIONS, "page_checksum_verification": False}
     try:
-        handle = pq.ParquetFile(path, memory_map=memory_map, **PARQUET_READ_OPTIONS)
+        handle = pq.ParquetFile(path, memory_map=memory_map, **options)
     except Exception as err:
         raise InputError(path, f"cannot open the shard ({err})") from err
     return handle, shard_metadata(path, handle.schema_arrow)
@@ -538,6 +542,16 @@ def verify_shards(paths: Sequence[str | Path], manifest: str | Path | None = Non
             hashed += 1
             _VERIFIED.add(key)
     return hashed
+
+
+def sha256_verified(path: str | Path) -> bool:
+    """Whether :func:`verify_shards` matched this shard's sha256 in this process (same size and mtime)."""
+    try:
+        stat = Path(path).stat()
+        where = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return False
+    return any(key[:3] == where for key in _VERIFIED)
 
 
 def check_compatible(metas: Sequence[tuple[str | Path, Mapping[str, Any]]]) -> None:
