@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO, bin_path
 
 from brainfoundry import demo
-from conftest import REPO, bin_path
 
 PROFILES = [REPO / "profiles" / "default" / "config.yaml", REPO / "workflow" / "profiles" / "slurm" / "config.yaml"]
 # Profile keys whose entries are rule names (group-components is keyed by group name).
