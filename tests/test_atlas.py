@@ -461,7 +461,8 @@ def test_fetch_goes_through_https_proxy(tmp_path, atlas_server, monkeypatch):
 def test_max_bytes_default_is_the_schemas():
     import yaml
 
-    from brainfoundry.atlas import DEFAULT_MAX_BYTES, rule_source_args
+    from brainfoundry.atlas import DEFAULT_MAX_BYTES
+    from brainfoundry.workflow.atlas import rule_source_args
 
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.schema.yaml").read_text())
     assert schema["properties"]["atlas"]["properties"]["max_bytes"]["default"] == DEFAULT_MAX_BYTES

@@ -168,7 +168,12 @@ def test_cli_print(dirs, tmp_path, capsys):
     assert str(dirs["license"].resolve()) in binds and str(dirs["tf"].resolve()) in binds
 
 
-# -- the workflow: one fMRIPrep job per subject in raw mode ---------------------------------------------
+# -- the workflow: one fMRIPrep rule on {subject}, one job per subject in raw mode ---------------------
+def test_subject_report_is_fmriprep_s_report_path(tmp_path):
+    assert fmriprep.subject_report(tmp_path, "sub-07") == str(tmp_path / "sub-07.html")
+    assert fmriprep.subject_report("derivatives/fmriprep", "{subject}") == "derivatives/fmriprep/sub-{subject}.html"
+
+
 @pytest.fixture(scope="module")
 def raw_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fmriprep_demo")
@@ -176,7 +181,7 @@ def raw_demo(tmp_path_factory) -> Path:
     return out
 
 
-def _dry_run(raw_demo: Path, workdir: Path, runner: str) -> str:
+def _raw_config(raw_demo: Path, workdir: Path, runner: str) -> Path:
     license_file = workdir / "license.txt"
     license_file.write_text("license\n")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -186,11 +191,23 @@ def _dry_run(raw_demo: Path, workdir: Path, runner: str) -> str:
                            labels=str(raw_demo / "atlas" / "atlas-Demo100_dseg.tsv"))
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    return config_file
+
+
+def _dry_run(raw_demo: Path, workdir: Path, runner: str, *extra: str) -> str:
+    config_file = _raw_config(raw_demo, workdir, runner)
     result = subprocess.run([bin_path("snakemake"), "-n", "-p", "--snakefile", str(REPO / "Snakefile"),
-                             "--directory", str(workdir), "--configfile", str(config_file), "--cores", "4"],
+                             "--directory", str(workdir), "--configfile", str(config_file), "--cores", "4", *extra],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     return result.stdout
+
+
+def _fmriprep_commands(out: str) -> dict[str, str]:
+    commands = [line for line in out.splitlines() if "--participant-label" in line]
+    by_subject = {re.search(r"--participant-label (\S+) ", c).group(1): c for c in commands}
+    assert len(by_subject) == len(commands), commands
+    return by_subject
 
 
 @pytest.mark.workflow
@@ -198,17 +215,50 @@ def _dry_run(raw_demo: Path, workdir: Path, runner: str) -> str:
 def test_dry_run_lists_one_fmriprep_job_per_subject(raw_demo, tmp_path, runner):
     out = _dry_run(raw_demo, tmp_path, runner)
     counts = dict(re.findall(r"^(fmriprep\S*)\s+(\d+)$", out, flags=re.MULTILINE))
-    assert counts == {"fmriprep_sub_01": "1", "fmriprep_sub_02": "1", "fmriprep_sub_03": "1"}, out[:3000]
-    commands = [line for line in out.splitlines() if "--participant-label" in line]
-    assert len(commands) == 3
+    assert counts == {"fmriprep": "3"}, out[:3000]
+    commands = _fmriprep_commands(out)
+    assert sorted(commands) == ["01", "02", "03"]
     head = "fmriprep-docker" if runner == "docker" else "fmriprep"
-    for subject in ("01", "02", "03"):
-        (line,) = [c for c in commands if f"--participant-label {subject} " in c]
+    for subject, line in commands.items():
         assert f" {head} " in line and f"rm -rf work/fmriprep/sub-{subject})" in line
-        assert "--nthreads 4 " in line
+        assert "--nthreads 4 " in line  # the rule's 8 threads, capped by --cores 4
         assert ("--mem_mb 16000" if runner == "docker" else "--mem-mb 16000") in line
-    # sub-01 has two runs: its job declares both runs' bold, mask and confounds.
-    block = out[out.index("rule fmriprep_sub_01:"):]
-    outputs = block[block.index("output:"):block.index("\n", block.index("output:"))]
-    assert outputs.count("desc-preproc_bold.nii.gz") == 2 and outputs.count("desc-confounds_timeseries.tsv") == 2
-    assert outputs.count("desc-brain_mask.nii.gz") == 2
+    # The job's one output is the subject's report; each run's parcellation waits for it.
+    block = out[out.index("rule fmriprep:"):]
+    block = block[:block.index("\n\n")]
+    assert "output: derivatives/fmriprep/sub-" in block and ".html" in block, block
+    parcellate = [b for b in out.split("\n\n") if "rule parcellate:" in b]
+    assert len(parcellate) == 4  # sub-01 has two runs
+    for job in parcellate:
+        subject = re.search(r"subject=(\w+)", job).group(1)
+        (inputs,) = re.findall(r"^\s+input: (.*)$", job, flags=re.MULTILINE)
+        assert f"derivatives/fmriprep/sub-{subject}.html" in inputs.split(", "), job
+
+
+@pytest.mark.workflow
+def test_set_threads_and_set_resources_reach_fmriprep(raw_demo, tmp_path):
+    """--set-threads/--set-resources name the one rule and change every subject's command line."""
+    out = _dry_run(raw_demo, tmp_path, "apptainer", "--set-threads", "fmriprep=3",
+                   "--set-resources", "fmriprep:mem_mb=1234")
+    commands = _fmriprep_commands(out)
+    assert len(commands) == 3
+    for line in commands.values():
+        assert "--nthreads 3 " in line and "--omp-nthreads 3 " in line and "--mem-mb 1234 " in line, line
+
+
+@pytest.mark.workflow
+def test_slurm_profile_resources_reach_fmriprep(raw_demo, tmp_path):
+    """The Slurm profile's set-threads/set-resources for `fmriprep` (values changed so that they differ
+    from the rule's own) are what a job of the rule plans with: no Slurm needed for a dry run."""
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    assert "fmriprep" in profile["set-threads"] and "fmriprep" in profile["set-resources"]
+    profile["set-threads"]["fmriprep"] = 3
+    profile["set-resources"]["fmriprep"]["mem_mb"] = "1111 * attempt"
+    profile_dir = tmp_path / "profile"
+    profile_dir.mkdir()
+    (profile_dir / "config.yaml").write_text(yaml.safe_dump(profile))
+    out = _dry_run(raw_demo, tmp_path, "apptainer", "--profile", str(profile_dir))
+    commands = _fmriprep_commands(out)
+    assert len(commands) == 3
+    for line in commands.values():
+        assert "--nthreads 3 " in line and "--mem-mb 1111 " in line, line

@@ -295,3 +295,58 @@ def test_demo_workflow_on_slurm(slurm_cluster, demo_config, tmp_path):
 def _mb(value: str) -> float:
     units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
     return float(value[:-1]) * units[value[-1]] if value[-1] in units else float(value) / 2**20
+
+
+# -- fMRIPrep: the profile's (and the command line's) resources reach the one `fmriprep` rule ----------
+@pytest.fixture()
+def running_slurm():
+    """The local Slurm when it already runs (CI starts it with scripts/slurm_local.sh); never started here."""
+    state = local_slurm(start=False)
+    if not state.available:
+        pytest.skip(f"no local Slurm: {state.reason}")
+    return state
+
+
+def test_fmriprep_job_asks_slurm_for_the_set_resources_memory(running_slurm, demo_config, tmp_path):
+    """`--set-resources fmriprep:mem_mb=M` and `--set-threads fmriprep=N` name the workflow's one fMRIPrep
+    rule, so the subject's sbatch job asks for M MB and N CPUs (sacct ReqTRES/ReqMem).
+
+    fMRIPrep itself cannot run here (no FreeSurfer, ANTs or TemplateFlow): `--version` as its extra
+    argument makes it exit at once, and the job then fails for want of the subject's report. What is
+    checked is what Slurm was asked for, which is decided before the job starts.
+    """
+    cpus, memory = node_cpus_and_memory()
+    mem_mb, threads = min(321, memory // 2), min(2, cpus)
+    config = yaml.safe_load(demo_config.read_text())
+    license_file = tmp_path / "license.txt"
+    license_file.write_text("not a FreeSurfer license: fMRIPrep stops at --version\n")
+    derivatives = tmp_path / "derivatives" / "fmriprep"
+    config.update(entry_point="raw", derivatives_dir=str(derivatives))
+    config["fmriprep"].update(runner="apptainer", fs_license=str(license_file), work_dir=str(tmp_path / "fmriprep_work"),
+                              extra_args=["--version"])
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    profile = site_profile(tmp_path / "profile", cores=cpus, mem_cap_mb=min(MEM_CAP_MB, memory // 4), retries=0, jobs=5)
+    # A command-line --set-resources replaces the profile's list: runtime is given again (the rule's own
+    # 24 h may exceed the local partition's limit).
+    cmd = snakemake_cmd(workdir, configfile, "--profile", str(profile), "--slurm-no-account",
+                        "--set-threads", f"fmriprep={threads}",
+                        "--set-resources", f"fmriprep:mem_mb={mem_mb}", "fmriprep:runtime=10",
+                        str(derivatives.parent / "fmriprep" / "sub-01.html"))
+    run = subprocess.run(["timeout", "-s", "KILL", "600", *cmd], capture_output=True, text=True, env=run_env())
+    log = run.stdout + run.stderr
+    submitted = submitted_job_ids(log)
+    try:
+        assert run.returncode not in (-9, 137), "snakemake hung and was killed:\n" + log[-5000:]
+        assert len(submitted) == 1, log[-5000:]
+        (record,) = sacct_jobs(submitted)
+        assert record["Comment"].split("_wildcards_")[0] == "rule_fmriprep", record
+        requested = tres(record["ReqTRES"])
+        assert requested.get("mem") == f"{mem_mb}M", record
+        assert requested.get("cpu") == str(threads), record
+        assert record["ReqMem"].rstrip("n").rstrip("c") == f"{mem_mb}M", record
+    finally:
+        if submitted:
+            subprocess.run(["scancel", *submitted], capture_output=True, text=True)

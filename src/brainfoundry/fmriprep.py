@@ -139,19 +139,13 @@ def build_shell_command(config: dict, subject: str, threads: int, mem_mb: int) -
     return " ".join([*env, f"mkdir -p {quoted_work} &&", shlex.join(argv), f"&& rm -rf {quoted_work}"])
 
 
-def subject_outputs(runs, subject: str) -> list[str]:
-    """The derivatives files a run table expects from fMRIPrep for one subject (bold, mask, confounds)."""
-    rows = runs[runs["subject"] == subject_label(subject)]
-    return [str(path) for _, row in rows.iterrows() for path in (row["bold"], row["mask"], row["confounds"])]
+def subject_report(derivatives_dir: str | os.PathLike, subject: str) -> str:
+    """``<derivatives_dir>/sub-<label>.html``: the report fMRIPrep writes for every subject it finishes.
 
-
-def shell_param(config: dict, subject: str):
-    """A Snakemake ``params`` function giving the rule's shell line for the job's threads and memory."""
-
-    def shell_line(wildcards, threads, resources):
-        return build_shell_command(config, subject, threads, resources.mem_mb)
-
-    return shell_line
+    The workflow's fMRIPrep rule declares it as its one output (a subject's run count varies, the
+    report is always there), and the per-run rules take it as their input.
+    """
+    return str(Path(derivatives_dir) / f"sub-{subject_label(subject)}.html")
 
 
 def run_fmriprep(config: dict, subject: str, threads: int, mem_mb: int) -> int:

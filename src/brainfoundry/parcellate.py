@@ -638,11 +638,6 @@ def write_outputs(result: ParcellationResult, *, out: str | os.PathLike, out_jso
                  raw=(out_raw, result.raw) if out_raw else None)
 
 
-def raw_timeseries_path(timeseries_path: str) -> str:
-    """The uncleaned parcel means beside a ``..._stat-mean_timeseries.parquet`` (for QC figures)."""
-    return timeseries_path.replace("_stat-mean_timeseries.parquet", "_desc-raw_stat-mean_timeseries.parquet")
-
-
 def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="brainfoundry parcellate", description=__doc__.splitlines()[0])
     parser.add_argument("--bold", required=True, help="preprocessed 4D BOLD (.nii or .nii.gz)")
@@ -671,36 +666,3 @@ def cli_main(argv: list[str] | None = None) -> int:
     log.info("%s: %d x %d parcels kept, %d censored, %d non-steady dropped", args.bold, *result.cleaned.shape,
              len(result.confounds.censored), result.confounds.n_nonsteady_dropped)
     return 0
-
-
-# -- workflow helpers (used by workflow/rules/parcellate.smk) -----------------------------------------
-
-def rule_run_files(row) -> dict[str, str]:
-    """Per-run input files from a run-table row (the mask only when the row has one)."""
-    files = {"bold": str(row["bold"]), "confounds": str(row["confounds"])}
-    mask = row.get("mask")
-    if isinstance(mask, str) and mask:
-        files["mask"] = mask
-    return files
-
-
-def rule_mask_arg(inputs) -> str:
-    """``--mask PATH`` when the rule's inputs have a mask (Snakemake input list or dict)."""
-    import shlex
-
-    return f"--mask {shlex.quote(str(inputs.get('mask')))}" if "mask" in inputs.keys() else ""
-
-
-def qc_figure_patterns(layout) -> dict[str, str]:
-    """Per-run QC figure patterns (wildcards {subject}, {run_id})."""
-    return {"fd": f"{layout.qc_dir}_desc-framewisedisplacement_qc.png",
-            "carpet": f"{layout.qc_dir}_desc-carpet_qc.png",
-            "fc": f"{layout.qc_dir}_desc-connectivity_qc.png"}
-
-
-def qc_figure_targets(layout, runs, entry: str, config: dict) -> list[str]:
-    """Every run's QC figures, when the entry point parcellates BOLD here and ``qc.figures`` is on."""
-    if entry == "timeseries" or not config.get("qc", {}).get("figures", True):
-        return []
-    return [pattern.format(subject=row.subject, run_id=run_id)
-            for pattern in qc_figure_patterns(layout).values() for run_id, row in runs.iterrows()]

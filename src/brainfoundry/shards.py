@@ -157,13 +157,6 @@ def rows_from_json(text: str) -> pd.DataFrame:
     return frame
 
 
-def bucket_paths(runs: pd.DataFrame, bucket: int | str, pattern: str) -> list[str]:
-    """Per-run paths (a pattern with ``{subject}`` and ``{run_id}``) of one bucket's runs."""
-    rows = runs[runs["bucket"].astype(int) == int(bucket)]
-    # zip, not iterrows (a Series per row): called per bucket and per input at DAG build (bench_dag.py).
-    return [pattern.format(subject=subject, run_id=run_id) for run_id, subject in zip(rows.index, rows["subject"])]
-
-
 def write_bucket_runs(rows_json: str, path: str | Path, log: str | Path | None = None) -> Path:
     """Write one bucket's run-table rows (from :func:`bucket_rows_json`) as parquet, atomically."""
     frame = rows_from_json(rows_json)

@@ -3,7 +3,7 @@
 # space's BOLD grid (known fMRIPrep grids, or atlas.reference_img), plus the labels TSV with centroids.
 # The grid comes from the space, not from a run, so adding subjects never re-runs this job.
 # For the timeseries entry point the atlas stays in its own space: only the labels TSV and JSON.
-from brainfoundry.atlas import atlas_targets, rule_inputs, rule_option_args, rule_source_args
+from brainfoundry.workflow.atlas import atlas_targets, rule_inputs, rule_option_args, rule_source_args
 
 
 if ENTRY == "timeseries":

@@ -2,10 +2,14 @@
 # their inputs up in the in-memory RUNS (common.smk), never in this file, so re-indexing does not make
 # every job out of date. The job writes the very table this job graph was built from (no second
 # indexing that could disagree with it) and re-runs when that table's content changes (params).
-from brainfoundry import __version__
-from brainfoundry.bids import table_hash
-from brainfoundry.derivatives import dataset_description, source_description, write_dataset_description
-from brainfoundry.runtable import write_run_table
+from brainfoundry.workflow.bids import (
+    __version__,
+    dataset_description,
+    source_description,
+    table_hash,
+    write_dataset_description,
+    write_run_table,
+)
 
 
 localrules:

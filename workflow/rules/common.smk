@@ -2,8 +2,7 @@
 import json
 from pathlib import Path
 
-from brainfoundry.paths import Layout
-from brainfoundry.runtable import load_run_table
+from brainfoundry.workflow.common import Layout, load_run_table
 
 
 LAYOUT = Layout.from_config(config)

@@ -3,12 +3,13 @@
 # QC figures of the report. The timeseries entry point has its own import rule with the same outputs.
 import json
 
-from brainfoundry.parcellate import (
+from brainfoundry.workflow.parcellate import (
+    mask_arg,
     qc_figure_patterns,
     qc_figure_targets,
     raw_timeseries_path,
-    rule_mask_arg,
-    rule_run_files,
+    run_files,
+    run_inputs,
 )
 
 RAW_TIMESERIES = raw_timeseries_path(LAYOUT.timeseries)
@@ -19,7 +20,7 @@ if ENTRY != "timeseries":
 
     rule parcellate:
         input:
-            unpack(lambda wildcards: rule_run_files(run_row(wildcards))),
+            unpack(lambda wildcards: run_inputs(run_row(wildcards), config)),
             dseg=LAYOUT.atlas_dseg,
             labels=LAYOUT.atlas_labels,
         output:
@@ -27,7 +28,10 @@ if ENTRY != "timeseries":
             sidecar=LAYOUT.timeseries_json,
             raw=RAW_TIMESERIES,
         params:
-            mask=lambda wildcards, input: rule_mask_arg(input),
+            # The run's fMRIPrep files (inputs themselves unless this workflow runs fMRIPrep: run_inputs).
+            bold=lambda wildcards: run_files(run_row(wildcards))["bold"],
+            confounds=lambda wildcards: run_files(run_row(wildcards))["confounds"],
+            mask=lambda wildcards: mask_arg(run_row(wildcards)),
             tr=lambda wildcards: float(run_row(wildcards)["tr"]),
             denoise=json.dumps(config.get("denoise", {})),
             atlas=ATLAS,
@@ -46,18 +50,18 @@ if ENTRY != "timeseries":
         container:
             BF_IMAGE
         shell:
-            "brainfoundry parcellate --bold {input.bold:q} {params.mask} --confounds {input.confounds:q} "
+            "brainfoundry parcellate --bold {params.bold:q} {params.mask} --confounds {params.confounds:q} "
             "--atlas-dseg {input.dseg:q} --atlas-labels {input.labels:q} --atlas {params.atlas} "
             "--space {params.space} --tr {params.tr} --denoise {params.denoise:q} "
             "--out {output.timeseries:q} --out-json {output.sidecar:q} --out-raw {output.raw:q} > {log:q} 2>&1"
 
     rule qc_figures:
         input:
+            unpack(lambda wildcards: run_inputs(run_row(wildcards), config, keys=("confounds",))),
             timeseries=LAYOUT.timeseries,
             sidecar=LAYOUT.timeseries_json,
             raw=RAW_TIMESERIES,
             labels=LAYOUT.atlas_labels,
-            confounds=lambda wildcards: run_row(wildcards)["confounds"],
         output:
             fd=report(
                 QC_FIGURES["fd"],
@@ -80,6 +84,8 @@ if ENTRY != "timeseries":
                 subcategory="{run_id}",
                 labels={"run": "{run_id}", "figure": "connectivity before/after"},
             ),
+        params:
+            confounds=lambda wildcards: run_files(run_row(wildcards))["confounds"],
         log:
             f"{RESULTS}/logs/qc_figures/sub-{{subject}}/{{run_id}}.log",
         benchmark:
@@ -94,6 +100,6 @@ if ENTRY != "timeseries":
             BF_IMAGE
         shell:
             "brainfoundry qc-figures --timeseries {input.timeseries:q} --timeseries-json {input.sidecar:q} "
-            "--raw {input.raw:q} --confounds {input.confounds:q} --labels {input.labels:q} "
+            "--raw {input.raw:q} --confounds {params.confounds:q} --labels {input.labels:q} "
             "--title {wildcards.run_id} --out-fd {output.fd:q} --out-carpet {output.carpet:q} "
             "--out-fc {output.fc:q} > {log:q} 2>&1"

@@ -7,10 +7,11 @@
 import json
 import os
 
-from brainfoundry.train import FAMILY_NAMES, check_workflow_settings, launcher, workflow_settings
+from brainfoundry.workflow.pretrain import FAMILY_NAMES, check_workflow_settings, launcher, workflow_settings
 
 PRETRAIN = dict(config.get("pretrain", {}) or {})
-# Unknown or impossible trainer/model keys stop the run here, naming the key, not hours into a job.
+# Unknown families and trainer keys stop the run here, naming the key, not hours into a job (torch-free:
+# model keys are checked by the pretrain job before it reads a shard).
 PRETRAIN_FAMILIES = check_workflow_settings(config)
 MODELS_DIR = f"{RESULTS}/models"
 PRETRAIN_TARGETS = [f"{MODELS_DIR}/{family}/{name}" for family in PRETRAIN_FAMILIES

@@ -4,7 +4,7 @@
 # rewritten (the rows travel as a params value, which Snakemake compares; no job depends on the whole
 # run-table file).
 
-from brainfoundry.shards import bucket_paths, bucket_rows_json, shard_config, write_bucket_runs
+from brainfoundry.workflow.shards import bucket_paths, bucket_rows_json, shard_config, write_bucket_runs
 
 SHARDS = {"row_group_size": 64, "compression": "zstd", **config.get("shards", {})}
 SHARD_CONFIG_JSON = json.dumps(shard_config(config), sort_keys=True, default=str)

@@ -2,7 +2,7 @@
 # same per-run outputs parcellation writes, with column names from the atlas labels TSV.
 # The run table (timeseries_file, tr, phenotypes) comes from brainfoundry.timeseries.index_timeseries.
 
-from brainfoundry.timeseries import import_options
+from brainfoundry.workflow.timeseries import import_options
 
 
 if ENTRY == "timeseries":

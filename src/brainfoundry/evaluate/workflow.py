@@ -82,7 +82,7 @@ def model_metadata(weights: str) -> str:
 
 def pseudo_label_settings(config: Mapping[str, Any], ev: Mapping[str, Any]) -> dict[str, Any]:
     """The LCM's trainer settings as the pretrain rule passes them, with ``pseudo_label_trainer`` on top."""
-    from brainfoundry.train import workflow_settings
+    from brainfoundry.workflow.pretrain import workflow_settings
 
     settings = workflow_settings(config, "lcm")
     lcm = dict(settings["lcm"])

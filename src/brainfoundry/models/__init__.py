@@ -8,36 +8,101 @@
 
 The interface is described in :mod:`brainfoundry.models.base`, model files in
 :mod:`brainfoundry.models.files`.
+
+The registry is lazy: importing this package (or asking ``FAMILIES`` for its names) does not import
+torch; a family's module is imported when its classes are first needed. Snakemake checks the
+``pretrain`` section while it parses the workflow, and every Slurm job re-parses it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from brainfoundry.errors import ConfigError
-from brainfoundry.models.base import FoundationModel, ModelConfig
-from brainfoundry.models.brainlm import BrainLM, BrainLMConfig
-from brainfoundry.models.brainmass import BrainMass, BrainMassConfig
-from brainfoundry.models.files import (ModelChecksumError, UnsafeModelFileError, load_model, read_model_file,
-                                       read_model_metadata)
-from brainfoundry.models.lcm import LCM, LCMConfig
-from brainfoundry.models.scmbm import SCMBM, SCMBMConfig
+from brainfoundry.models.files import (
+    ModelChecksumError,
+    UnsafeModelFileError,
+    load_model,
+    read_model_file,
+    read_model_metadata,
+)
+
+if TYPE_CHECKING:
+    from brainfoundry.models.base import FoundationModel, ModelConfig
+
+#: family name -> (module, config class name, model class name); imported on first use.
+_FAMILY_MODULES: dict[str, tuple[str, str, str]] = {
+    "brainlm": ("brainfoundry.models.brainlm", "BrainLMConfig", "BrainLM"),
+    "brainmass": ("brainfoundry.models.brainmass", "BrainMassConfig", "BrainMass"),
+    "lcm": ("brainfoundry.models.lcm", "LCMConfig", "LCM"),
+    "scmbm": ("brainfoundry.models.scmbm", "SCMBMConfig", "SCMBM"),
+}
+# Classes this package exports by name (``from brainfoundry.models import BrainLM``), also lazily.
+_LAZY_NAMES = {"FoundationModel": "brainfoundry.models.base", "ModelConfig": "brainfoundry.models.base",
+               **{cls: module for module, *classes in _FAMILY_MODULES.values() for cls in classes}}
+
+
+class _Registry(Mapping):
+    """family name -> (config class, model class), importing a family's module on first lookup."""
+
+    def __init__(self, modules: Mapping[str, tuple[str, str, str]]):
+        self._modules = modules
+
+    def __getitem__(self, family: str) -> tuple[type, type]:
+        module_name, config_name, model_name = self._modules[family]
+        module = importlib.import_module(module_name)
+        return getattr(module, config_name), getattr(module, model_name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __contains__(self, family: object) -> bool:  # names only: no import
+        return family in self._modules
+
+    def __repr__(self) -> str:
+        return f"FAMILIES({sorted(self._modules)})"
+
 
 #: family name -> (config class, model class)
-FAMILIES: dict[str, tuple[type[ModelConfig], type[FoundationModel]]] = {
-    "brainlm": (BrainLMConfig, BrainLM),
-    "brainmass": (BrainMassConfig, BrainMass),
-    "lcm": (LCMConfig, LCM),
-    "scmbm": (SCMBMConfig, SCMBM),
-}
+FAMILIES: Mapping[str, tuple[type[ModelConfig], type[FoundationModel]]] = _Registry(_FAMILY_MODULES)
 
-__all__ = ["FAMILIES", "FoundationModel", "ModelConfig", "BrainLM", "BrainLMConfig", "BrainMass", "BrainMassConfig",
-           "LCM", "LCMConfig", "SCMBM", "SCMBMConfig", "ModelChecksumError", "UnsafeModelFileError", "build_model",
-           "load_model", "make_config", "read_model_file", "read_model_metadata"]
+__all__ = [
+    "FAMILIES",
+    "LCM",
+    "BrainLM",
+    "BrainLMConfig",
+    "BrainMass",
+    "BrainMassConfig",
+    "FoundationModel",
+    "LCMConfig",
+    "ModelChecksumError",
+    "ModelConfig",
+    "SCMBM",
+    "SCMBMConfig",
+    "UnsafeModelFileError",
+    "build_model",
+    "load_model",
+    "make_config",
+    "read_model_file",
+    "read_model_metadata",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_config(family: str, config: ModelConfig | Mapping[str, Any] | None = None) -> ModelConfig:
     """The family's config from a mapping (unknown keys are an error) or an existing config."""
+    from brainfoundry.models.base import ModelConfig
+
     if family not in FAMILIES:
         raise ConfigError("family", f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
     config_class = FAMILIES[family][0]
