@@ -555,6 +555,6 @@ def test_no_image_without_labels_or_for_resampling_names_atlas_path(tmp_path):
     with pytest.raises(ConfigError, match="atlas.path"):
         cli_main(["--no-resample", "--name", "M", "--space", "S", "--out-labels", str(tmp_path / "l.tsv"),
                   "--out-json", str(tmp_path / "l.json")])
-    from brainfoundry.atlas import rule_source_args
+    from brainfoundry.workflow.atlas import rule_source_args
 
     assert rule_source_args({"path": None, "url": None, "labels": "x.tsv"}) == ""

@@ -206,12 +206,12 @@ def _synthetic_run_table(path: Path, n_subjects: int = 3) -> Path:
     return path
 
 
-def _load_rules(entry_point: str, run_table: Path, workdir: Path) -> dict:
+def _load_rules(entry_point: str, run_table: Path, workdir: Path, atlas: dict) -> dict:
     """The parsed rules of the workflow for one entry point, through Snakemake's API."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
-    config = {"entry_point": entry_point, "run_table": str(run_table)}
+    config = {"entry_point": entry_point, "run_table": str(run_table), "atlas": atlas}
     with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
         workflow_api = api.workflow(
             resource_settings=ResourceSettings(cores=1),
@@ -239,12 +239,18 @@ def _load_rules(entry_point: str, run_table: Path, workdir: Path) -> dict:
 def workflow_rules(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rules")
     table = _synthetic_run_table(tmp / "runs.parquet")
+    # The start-up checks (brainfoundry.checks) want the configured atlas to exist: the demo's, written here.
+    from brainfoundry import demo
+
+    demo.write_demo_dataset(tmp / "demo_data", n_subjects=2, n_volumes=12, two_run_subjects=0)
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["atlas"]
+    atlas = {key: str(tmp / "demo_data" / "atlas" / Path(base[key]).name) for key in ("path", "labels")}
     rules: dict = {}
     cwd = os.getcwd()
     try:
         for entry in ("raw", "derivatives", "timeseries"):
             os.chdir(REPO)
-            rules.update(_load_rules(entry, table, REPO))
+            rules.update(_load_rules(entry, table, REPO, atlas))
     finally:
         os.chdir(cwd)
     return rules

@@ -54,17 +54,26 @@ def _timeseries_config(root: Path) -> dict:
     series_dir = root / "series"
     series_dir.mkdir()
     rng = np.random.default_rng(0)
-    for file_id in ("OHSU_0050142", "OHSU_0050143"):
+    for file_id in ("OHSU_0050142", "OHSU_0050143", "OHSU_0050144"):
         values = rng.standard_normal((30, 4))
         text = "\t".join(f"#{i}" for i in range(1, 5)) + "\n" + "\n".join("\t".join(f"{v:.4f}" for v in row) for row in values)
         with gzip.open(series_dir / f"{file_id}_rois_cc200.1D.gz", "wt") as handle:
             handle.write(text + "\n")
-    pd.DataFrame({"FILE_ID": ["OHSU_0050142", "OHSU_0050143"], "SUB_ID": [50142, 50143], "SITE_ID": ["OHSU"] * 2,
-                  "DX_GROUP": [1, 2], "SEX": [1, 2], "AGE_AT_SCAN": [13.9, 13.8], "func_mean_fd": [0.05, 0.07]}
+    pd.DataFrame({"FILE_ID": ["OHSU_0050142", "OHSU_0050143", "OHSU_0050144"], "SUB_ID": [50142, 50143, 50144],
+                  "SITE_ID": ["OHSU"] * 3, "DX_GROUP": [1, 2, 1], "SEX": [1, 2, 2], "AGE_AT_SCAN": [13.9, 13.8, 12.1],
+                  "func_mean_fd": [0.05, 0.07, 0.06]}
                  ).to_csv(root / "pheno.csv", index=False)
     config = yaml.safe_load((REPO / "config" / "abide.yaml").read_text())
     config["results_dir"] = "results"
     config["timeseries"].update(series_dir=str(series_dir), phenotypes=str(root / "pheno.csv"), extra_columns={})
+    # A labels-only atlas for the four parcels (the start-up checks want the configured atlas to exist).
+    pd.DataFrame({"index": [1, 2, 3, 4], "name": [f"#{i}" for i in range(1, 5)], "x": [-40.0, 40.0, -20.0, 20.0],
+                  "y": [0.0, 0.0, -60.0, -60.0], "z": [10.0, 10.0, 30.0, 30.0]}).to_csv(root / "labels.tsv", sep="\t",
+                                                                                           index=False)
+    config["atlas"].update(path=None, labels=str(root / "labels.tsv"))
+    # Three subjects: each split gets one; no extra phenotype columns, so no targets that need them.
+    config["shards"]["fill_empty_splits"] = True
+    config["evaluate"]["targets"] = ["diagnosis", "sex", "age"]
     return config
 
 

@@ -102,11 +102,9 @@ def families_needing_centroids(config: Mapping[str, Any]) -> list[str]:
 
     ``model.spatial_embedding: learned`` (BrainLM, BrainMass; for the LCM its ``model.brain``) needs none.
     """
-    from brainfoundry.train import (  # defaults live there
-        make_config,
-        resolve_settings,
-        workflow_settings,
-    )
+    from brainfoundry.models import make_config  # imports the family's module (torch): only reached without centroids
+    from brainfoundry.train_settings import resolve_settings
+    from brainfoundry.workflow.pretrain import workflow_settings
 
     needing = []
     for family in (config.get("pretrain") or {}).get("families") or []:

@@ -655,6 +655,8 @@ def _zero_loss(model: FoundationModel, batch: Mapping[str, Any]) -> float | None
     (BrainMass's matrix modelling and identification, the LCM's), where zero is no reference."""
     from brainfoundry.models.base import masked_mean_per_sample
 
+    if hasattr(model, "zero_loss"):  # a family whose samples are not the window itself (SC-MBM's frames)
+        return model.zero_loss(batch)
     if not (hasattr(model, "patchify") and hasattr(model, "draw_masks")):
         return None
     x = batch["x"]

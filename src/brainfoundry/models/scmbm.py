@@ -268,6 +268,15 @@ class SCMBM(FoundationModel):
             visible = masked_mean_per_sample(err, ~hidden[..., None] & real).mean()
         return loss, {"mse_masked": loss.detach(), "mse_visible": visible}
 
+    @torch.no_grad()
+    def zero_loss(self, batch: Mapping[str, Any]) -> float:
+        """:meth:`loss` of the all-zero prediction (each frame's mean, frames being z-normalised) on the
+        batch's own masks: the learning curve's zero-predictor line."""
+        frames = self.frames(batch)
+        patches = self.patchify(frames)
+        hidden, _ = self.draw_masks(batch, frames.shape[0], device=frames.device)
+        return float(masked_mean_per_sample(patches ** 2, hidden[..., None] & self.value_weight()[None]).mean())
+
     def encode(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """CLS ``pooled [B, D]``, patch ``tokens [B, L, D]``, ``parcels [B, N, D]`` (each parcel's patch token)."""
         latent = self.latent(batch)
