@@ -14,6 +14,9 @@ from brainfoundry.checks import schema_errors
 from brainfoundry.cli import main as cli
 from brainfoundry.errors import InputError
 from brainfoundry.initconfig import inspect_folder, write_config
+from brainfoundry.models import make_config
+from brainfoundry.train_settings import resolve_settings
+from brainfoundry.workflow.pretrain import workflow_settings
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.schema.yaml").read_text())
 
@@ -61,6 +64,11 @@ def test_series_and_table_with_file_ids_sites_and_phenotypes(tmp_path):
     assert [e["name"] for e in config["pretrain"]["lcm"]["model"]["env"]] == ["age", "sex", "site"]
     assert config["shards"]["window"] == 90 == config["pretrain"]["brainlm"]["model"]["window"]
     assert 90 % config["pretrain"]["brainlm"]["model"]["patch_size"] == 0
+    # Every family's model keys build its config, and each trains on the 90-point window.
+    for family in config["pretrain"]["families"]:
+        model, cfg = resolve_settings(family, workflow_settings(config, family))
+        make_config(family, model)
+        assert cfg.window == 90, family
     labels = pd.read_csv(config["atlas"]["labels"], sep="\t")  # written through runfiles: 6 parcels
     assert list(labels["name"]) == [f"parcel_{i}" for i in range(1, 7)]
 

@@ -140,7 +140,8 @@ def test_train_init_refuses_a_crafted_model_file(shards, tmp_path, mode):
         train(family, tmp_path / "out", shards=shards, train_config=config(), mode=mode, init=path)
     assert not marker.exists()
     rc = cli.main(["train", "--family", family, "--mode", mode, "--init", str(path), "--shards", str(shards),
-                   "--out", str(tmp_path / "out2"), "--set", "trainer.steps=1", "--set", f"trainer.window={WINDOW}"])
+                   "--out", str(tmp_path / "out2"), "--set", "trainer.steps=1",
+                   "--set", f"{'trainer' if family == 'lcm' else 'model'}.window={WINDOW}"])  # BrainLM's is its model's
     assert rc == 1 and not marker.exists()
 
 

@@ -60,7 +60,7 @@ def test_helpers_settings_and_registry_import_without_torch(no_torch):
             "from brainfoundry.models import FAMILIES\n"
             "from brainfoundry.train_settings import TrainConfig, resolve_settings\n"
             "from brainfoundry.workflow.pretrain import check_workflow_settings\n"
-            "assert sorted(FAMILIES) == ['brainlm', 'brainmass', 'lcm'] and 'lcm' in FAMILIES\n"
+            "assert sorted(FAMILIES) == ['brainlm', 'brainmass', 'lcm', 'scmbm'] and 'lcm' in FAMILIES\n"
             "TrainConfig(steps=3).validate()\n"
             "resolve_settings('brainlm', {'pretrain': {'trainer': {'steps': 3}}})\n"
             "assert 'torch' not in sys.modules\n"

@@ -170,8 +170,11 @@ class ShardDataset(IterableDataset):
         from brainfoundry.paths import Layout
 
         shards_cfg = config.get("shards", {}) or {}
-        kwargs = {"window": shards_cfg.get("window", 200), "short_runs": shards_cfg.get("short_runs", "skip"),
-                  "buffer_size": shards_cfg.get("shuffle_buffer", 256), "seed": config.get("seed", 0)}
+        # Only the keys that are set: the defaults are this class's.
+        names = {"window": "window", "short_runs": "short_runs", "shuffle_buffer": "buffer_size"}
+        kwargs = {arg: shards_cfg[key] for key, arg in names.items() if key in shards_cfg}
+        if "seed" in config:
+            kwargs["seed"] = config["seed"]
         kwargs.update(overrides)
         return cls(Layout.from_config(config).shard_dir, split=split, **kwargs)
 

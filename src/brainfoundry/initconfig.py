@@ -233,7 +233,7 @@ def build_config(found: dict[str, Any], out: Path) -> tuple[dict[str, Any], list
                                 "brainlm": {"model": {"window": window, "patch_size": patch, **spatial}},
                                 "brainmass": {"model": dict(spatial)}}
     if env:
-        pretrain["lcm"] = {"model": {"env": env, "brain": {"window": window, "patch_size": patch, **spatial}}}
+        pretrain["lcm"] = {"model": {"env": env}}  # FC-row tokens: its window is trainer.window, no coordinates
     else:
         notes.append("no phenotype columns: the LCM (which needs environment variables) and the phenotype "
                      "and fine-tuning evaluations are left out")

@@ -48,7 +48,7 @@ from brainfoundry.io import atomic_path, sha256_file, write_json_atomic
 from brainfoundry.models import FAMILIES, FoundationModel, build_model, load_model, make_config
 from brainfoundry.models.files import MODEL_FILE, UnsafeModelFileError, read_model_file
 # The settings live in a torch-free module (the workflow checks them while parsing); re-exported here.
-from brainfoundry.train_settings import RESUME_FREE_KEYS, TrainConfig, resolve_settings
+from brainfoundry.train_settings import RESUME_FREE_KEYS, TrainConfig, family_window, resolve_settings
 
 FAMILY_NAMES = tuple(FAMILIES)
 MODES = ("pretrain", "finetune")
@@ -364,7 +364,8 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
                 raise ConfigError("model", f"--init {init} fixes the model config; these keys differ from it: {differ}")
     else:
         model_values = dict(model_config or {})
-    window = _model_window(family, model_values, cfg)
+    # SC-MBM's window is frame_points points, averaged into one frame by the model.
+    window = family_window(family, model_values, cfg)
     need_pfc = _needs_pfc(family, model_values)
     if source is None:
         if shards is None:
@@ -594,17 +595,6 @@ def _norm_stats_record(source: Any) -> dict[str, Any] | None:
     return {"method": "x' = (x - median) / iqr per parcel; statistics of the training split's runs",
             "file": Path(path).name, "sha256": sha256_file(path),
             "median": [float(v) for v in median], "iqr": [float(v) for v in iqr]}
-
-
-def _model_window(family: str, values: Mapping[str, Any], cfg: TrainConfig) -> int:
-    if family == "brainlm":
-        return int(values.get("window", 200))
-    if family == "scmbm":
-        # SC-MBM trains on single frames: windows of frame_points points, averaged into one frame by the model.
-        from brainfoundry.models.scmbm import SCMBMConfig
-
-        return int(values.get("frame_points", SCMBMConfig.frame_points))
-    return cfg.window
 
 
 def _needs_pfc(family: str, values: Mapping[str, Any]) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from brainfoundry.errors import ConfigError
-from brainfoundry.models import FAMILIES  # the lazy registry: names only, no torch
+from brainfoundry.models import FAMILIES, MODEL_WINDOWS  # lazy: no torch
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -32,7 +32,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    #: Window length for families without their own (BrainLM uses its model's ``window``).
+    #: Window length for families without their own (``MODEL_WINDOWS``: BrainLM's ``model.window``,
+    #: SC-MBM's ``model.frame_points``; :func:`resolve_settings` sets it to theirs).
     window: int = 200
     short_runs: str = "skip"
     shuffle_buffer: int = 256
@@ -134,5 +135,38 @@ def resolve_settings(family: str, config: Mapping[str, Any] | None = None,
             target = target.setdefault(part, {})
         target[parts[-1]] = _parse_value(text)
     train_cfg = _from_mapping(TrainConfig, trainer, "pretrain.trainer")
+    if family in MODEL_WINDOWS:
+        train_cfg.window = _own_window(family, section, per_family, model, overrides)
     train_cfg.validate()
     return model, train_cfg
+
+
+def family_window(family: str, model: Mapping[str, Any], train_cfg: TrainConfig) -> int:
+    """Time points per training sample: the model's own key (``MODEL_WINDOWS``), else ``trainer.window``."""
+    if family in MODEL_WINDOWS:
+        key, default = MODEL_WINDOWS[family]
+        return int(model.get(key, default))
+    return train_cfg.window
+
+
+def _own_window(family: str, section: Mapping[str, Any], per_family: Mapping[str, Any],
+                model: Mapping[str, Any], overrides: Sequence[str]) -> int:
+    """The window of a family whose model sets it; a trainer window meant for it that differs is an error.
+
+    Meant for it: ``pretrain.<family>.trainer.window`` and a ``trainer.window=`` override, and for BrainLM
+    also ``pretrain.trainer.window`` (the same series window). SC-MBM's is a frame length
+    (``frame_points``), so the shared series window, which the other families read, is not meant for it.
+    """
+    key, default = MODEL_WINDOWS[family]
+    own = int(model.get(key, default))
+    where = f"pretrain.{family}.model.{key}" + ("" if key in model else f" (default {default})")
+    candidates = [(f"pretrain.{family}.trainer.window", dict(per_family.get("trainer") or {}).get("window"))]
+    if family == "brainlm":
+        candidates.insert(0, ("pretrain.trainer.window", dict(section.get("trainer") or {}).get("window")))
+    candidates += [(item.split("=", 1)[0].strip(), _parse_value(item.split("=", 1)[1])) for item in overrides
+                   if item.split("=", 1)[0].strip() == "trainer.window"]
+    for name, value in candidates:
+        if value is not None and value != own:
+            raise ConfigError(name, f"is {value} but {family} takes its window from {where} = {own}; "
+                                    f"drop {name} or make it {own}")
+    return own

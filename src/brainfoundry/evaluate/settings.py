@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from brainfoundry.errors import ConfigError
+from brainfoundry.models import MODEL_WINDOWS
 
 # A random-init control of model M is evaluated as "M_random_init" (see `evaluate.adapters.load_model`).
 CONTROL_SUFFIX = "_random_init"
@@ -51,7 +52,7 @@ class EvalSettings:
     models: list[str] = field(default_factory=lambda: ["brainlm", "brainmass", "lcm"])
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     heldout_split: str = "test"
-    window: int = 200
+    window: int = MODEL_WINDOWS["brainlm"][1]  # the BrainLM model's (the workflow fills in its config's)
     patch: int = 20
     mask_ratios: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.75])
     context: int = 180

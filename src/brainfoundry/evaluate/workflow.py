@@ -10,6 +10,8 @@ import json
 import shlex
 from typing import Any, Mapping
 
+from brainfoundry.models import MODEL_WINDOWS
+
 ALL_TASKS = ("reconstruction", "forecasting", "phenotype", "finetune", "networks", "fingerprint")
 # Tasks that read a model's cached embeddings (every model task also loads the model file).
 EMBEDDING_TASKS = ("phenotype", "networks", "fingerprint")
@@ -28,7 +30,8 @@ def eval_settings(config: Mapping[str, Any], pretrain_families: list[str] | None
     ev["models"] = list(ev.get("models") or pretrain_families or ["brainlm", "brainmass", "lcm"])
     pretrain = dict(config.get("pretrain", {}) or {})
     brainlm = dict(dict(pretrain.get("brainlm", {}) or {}).get("model", {}) or {})
-    ev["window"] = ev.get("window") or int(brainlm.get("window", 200))
+    key, default = MODEL_WINDOWS["brainlm"]
+    ev["window"] = ev.get("window") or int(brainlm.get(key, default))
     ev["patch"] = ev.get("patch") or int(brainlm.get("patch_size", 20))
     ev["horizon"] = ev.get("horizon") or ev["patch"] * max(1, int(brainlm.get("future_patches", 1)))
     ev["context"] = ev.get("context") or ev["window"] - ev["horizon"]

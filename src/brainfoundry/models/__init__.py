@@ -39,6 +39,10 @@ _FAMILY_MODULES: dict[str, tuple[str, str, str]] = {
     "lcm": ("brainfoundry.models.lcm", "LCMConfig", "LCM"),
     "scmbm": ("brainfoundry.models.scmbm", "SCMBMConfig", "SCMBM"),
 }
+#: Families whose model config fixes the training window: family -> (model key, default). The config
+#: dataclasses take their default from here, so the workflow checks a conflicting ``trainer.window``
+#: while it parses, without torch; the other families read ``pretrain.trainer.window``.
+MODEL_WINDOWS: dict[str, tuple[str, int]] = {"brainlm": ("window", 200), "scmbm": ("frame_points", 4)}
 # Classes this package exports by name (``from brainfoundry.models import BrainLM``), also lazily.
 _LAZY_NAMES = {"FoundationModel": "brainfoundry.models.base", "ModelConfig": "brainfoundry.models.base",
                **{cls: module for module, *classes in _FAMILY_MODULES.values() for cls in classes}}
@@ -80,6 +84,7 @@ __all__ = [
     "BrainMassConfig",
     "FoundationModel",
     "LCMConfig",
+    "MODEL_WINDOWS",
     "ModelChecksumError",
     "ModelConfig",
     "SCMBM",

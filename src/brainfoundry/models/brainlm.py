@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from brainfoundry.errors import ConfigError, InputError
+from brainfoundry.models import MODEL_WINDOWS
 from brainfoundry.models.base import (FoundationModel, ModelConfig, SpatialEmbedding, Transformer, _check_heads,
                                       init_weights, masked_mean_per_sample, sample_uniform)
 
@@ -34,7 +35,7 @@ class BrainLMConfig(ModelConfig):
     """BrainLM sizes. Defaults are the paper's model (424 parcels, 512-d, 4 encoder + 2 decoder layers)."""
 
     n_parcels: int = 424
-    window: int = 200
+    window: int = MODEL_WINDOWS["brainlm"][1]
     patch_size: int = 20
     dim: int = 512
     depth: int = 4

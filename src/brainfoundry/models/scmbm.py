@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from brainfoundry.errors import ConfigError, InputError
+from brainfoundry.models import MODEL_WINDOWS
 from brainfoundry.models.base import (FoundationModel, ModelConfig, Transformer, _check_heads, masked_mean_per_sample,
                                       sample_uniform)
 
@@ -64,7 +65,7 @@ class SCMBMConfig(ModelConfig):
     decoder_heads: int = 16
     mask_ratio: float = 0.75
     #: Time points averaged into one frame (MinD-Vis: ``t // TR`` for t = 8 s); the trainer's window.
-    frame_points: int = 4
+    frame_points: int = MODEL_WINDOWS["scmbm"][1]
     #: Probability that a training frame is replaced by its interpolation with its pair partner.
     mix_prob: float = 0.5
     mix_ratio: float = 0.5

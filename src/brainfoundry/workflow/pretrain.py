@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from brainfoundry.errors import ConfigError
-from brainfoundry.models import FAMILIES
+from brainfoundry.models import FAMILIES, MODEL_WINDOWS
 from brainfoundry.train_settings import resolve_settings
 
 FAMILY_NAMES = tuple(FAMILIES)
@@ -22,13 +22,16 @@ FAMILY_NAMES = tuple(FAMILIES)
 def workflow_settings(config: Mapping[str, Any], family: str) -> dict[str, Any]:
     """The pretrain section the workflow hands the trainer for ``family``.
 
-    The workflow's ``seed`` and the shards' ``window``/``short_runs`` are the trainer's defaults;
-    ``pretrain.threads`` is its torch thread count unless ``pretrain.trainer.threads`` is set.
+    The workflow's ``seed`` and the shards' ``window``/``short_runs`` are the trainer's defaults (the
+    window only for families whose model does not set it, ``MODEL_WINDOWS``); ``pretrain.threads`` is
+    its torch thread count unless ``pretrain.trainer.threads`` is set.
     """
     section = dict(config.get("pretrain") or {})
     shards = dict(config.get("shards") or {})
-    trainer = {"seed": int(config.get("seed", 0)), "window": int(shards.get("window", 200)),
-               "short_runs": shards.get("short_runs", "skip"), **dict(section.get("trainer") or {})}
+    defaults = {"seed": int(config.get("seed", 0)), "short_runs": shards.get("short_runs", "skip")}
+    if "window" in shards and family not in MODEL_WINDOWS:
+        defaults["window"] = int(shards["window"])
+    trainer = {**defaults, **dict(section.get("trainer") or {})}
     trainer.setdefault("threads", int(section.get("threads", 2)))
     return {"trainer": trainer, family: dict(section.get(family) or {})}
 
