@@ -199,7 +199,7 @@ def _synthetic_run_table(path: Path, n_subjects: int = 3) -> Path:
                 "timeseries_file": f"/nonexistent/sub-{sub}.1D",
                 "age": 30.0 + i,
                 "sex": "F",
-                "diagnosis": None,
+                "diagnosis": ["ASD", "control"][i % 2],
             }
         )
     pd.DataFrame(rows).to_parquet(path, index=False)

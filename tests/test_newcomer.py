@@ -194,8 +194,8 @@ def test_table_without_phenotypes(tmp_path):
 
     wants_lcm = json.loads(json.dumps(config))
     wants_lcm["pretrain"]["families"] = ["brainlm", "lcm"]
-    wants_lcm["pretrain"]["lcm"] = {"model": {"brain": {"spatial_embedding": "learned"}}}  # demo env: age, sex, ...
-    _failed_cleanly(_snakemake(tmp_path, wants_lcm, "-n"), "pretrain.lcm.model.env", "'age', 'sex', 'diagnosis'")
+    wants_lcm["pretrain"]["lcm"] = {"model": {}}  # LCMConfig's default env: age, sex, diagnosis
+    _failed_cleanly(_snakemake(tmp_path, wants_lcm, "-n"), "pretrain.lcm.model.env", "'diagnosis', 'sex', 'age'")
 
     wants_targets = json.loads(json.dumps(config))
     wants_targets["evaluate"] = {"tasks": ["phenotype"]}  # the default targets: diagnosis, sex, age

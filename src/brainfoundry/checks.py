@@ -100,7 +100,7 @@ def check_config(config: Mapping[str, Any], schema_path: str | Path, limit: int 
 def families_needing_centroids(config: Mapping[str, Any]) -> list[str]:
     """Configured pretraining families whose spatial embedding uses parcel centroids (``coords``).
 
-    ``model.spatial_embedding: learned`` (BrainLM, BrainMass; for the LCM its ``model.brain``) needs none.
+    ``model.spatial_embedding: learned`` (BrainLM, BrainMass) needs none; the LCM and SC-MBM have no such setting.
     """
     from brainfoundry.models import make_config  # imports the family's module (torch): only reached without centroids
     from brainfoundry.train_settings import resolve_settings
@@ -110,8 +110,8 @@ def families_needing_centroids(config: Mapping[str, Any]) -> list[str]:
     for family in (config.get("pretrain") or {}).get("families") or []:
         model, _ = resolve_settings(family, workflow_settings(config, family))
         cfg = make_config(family, {k: v for k, v in model.items() if k != "n_parcels"})
-        brain = cfg.brain_config() if hasattr(cfg, "brain_config") else cfg
-        if getattr(brain, "spatial_embedding", "coords") == "coords":
+        # Families without the setting (the LCM's FC-row tokens, SC-MBM's fixed parcel order) use no centroids.
+        if getattr(cfg, "spatial_embedding", None) == "coords":
             needing.append(family)
     return needing
 
@@ -157,7 +157,7 @@ def check_atlas(config: Mapping[str, Any]) -> None:
             raise ConfigError("atlas.labels", f"{labels} has no x, y, z centroids (and there is no atlas image), "
                               f"but {needing} use them (spatial_embedding: coords). Add x, y, z columns (MNI mm), "
                               "set atlas.path to the label image, or set "
-                              + ", ".join(f"pretrain.{f}.model.{'brain.' if f == 'lcm' else ''}spatial_embedding: "
+                              + ", ".join(f"pretrain.{f}.model.spatial_embedding: "
                                           "learned" for f in needing))
 
 
