@@ -15,7 +15,8 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 # fills the schema defaults; the atlas keys the entry point needs are checked before any indexing.
 from brainfoundry.checks import check_atlas, check_config, check_run_table
 
-check_config(config, os.path.join(workflow.basedir, "config", "config.schema.yaml"))
+# current_basedir: this file's folder, also when another Snakefile includes this one.
+check_config(config, os.path.join(workflow.current_basedir, "config", "config.schema.yaml"))
 validate(config, "config/config.schema.yaml")
 check_atlas(config)
 

@@ -331,10 +331,12 @@ def test_fmriprep_job_asks_slurm_for_the_set_resources_memory(running_slurm, dem
     profile = site_profile(tmp_path / "profile", cores=cpus, mem_cap_mb=min(MEM_CAP_MB, memory // 4), retries=0, jobs=5)
     # A command-line --set-resources replaces the profile's list: runtime is given again (the rule's own
     # 24 h may exceed the local partition's limit).
-    cmd = snakemake_cmd(workdir, configfile, "--profile", str(profile), "--slurm-no-account",
+    # --retries 0: profiles/default (read too) retries once; fMRIPrep is absent here, so the one job fails.
+    cmd = snakemake_cmd(workdir, configfile, "--profile", str(profile), "--slurm-no-account", "--retries", "0",
                         "--set-threads", f"fmriprep={threads}",
-                        "--set-resources", f"fmriprep:mem_mb={mem_mb}", "fmriprep:runtime=10",
-                        str(derivatives.parent / "fmriprep" / "sub-01.html"))
+                        "--set-resources", f"fmriprep:mem_mb={mem_mb}", "fmriprep:runtime=10")
+    # The target right after the program: --configfile and --set-resources take every argument after them.
+    cmd.insert(1, str(derivatives.parent / "fmriprep" / "sub-01.html"))
     run = subprocess.run(["timeout", "-s", "KILL", "600", *cmd], capture_output=True, text=True, env=run_env())
     log = run.stdout + run.stderr
     submitted = submitted_job_ids(log)
