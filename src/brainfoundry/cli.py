@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "manifest": ("brainfoundry.shards:cli_main_manifest", "write the shard manifest and normalization statistics"),
     "train": ("brainfoundry.train:cli_main", "pretrain a model family on the shards"),
     "evaluate": ("brainfoundry.evaluate:cli_main", "evaluate a model on one downstream task"),
+    "perturb": ("brainfoundry.perturb:cli_main", "BrainLM in-silico perturbation between two groups of runs"),
     "export-model": ("brainfoundry.models.export:cli_main", "write a model as a publishable folder (Hugging Face Hub layout)"),
     "convert-model": ("brainfoundry.models.files:cli_main", "rewrite a trusted torch.save model file as safetensors + JSON"),
     "qc-figures": ("brainfoundry.qc:cli_main", "per-run QC figures for the report"),
