@@ -8,6 +8,10 @@ the perturbed windows' CLS embeddings and the target group's mean CLS embedding,
 penalty on ``delta``. Per-parcel magnitude is ``|delta|`` (mean over patches when per patch); a
 network's score is the mean magnitude of its parcels. The null re-runs the same optimisation with the
 group labels of the runs shuffled (seeded); a network's p-value is (1 + #null >= observed) / (1 + n).
+
+Not yet validated: on synthetic runs whose groups differ in one network only, a random-init tiny
+BrainLM's perturbation did not concentrate on that network (issue 12), so read its output as
+exploratory until a planted-effect check passes with a trained model. No rule runs it yet.
 """
 
 from __future__ import annotations
