@@ -27,16 +27,21 @@ def _is_snakemake(argv: list[str]) -> bool:
     return any(os.path.basename(a) == "snakemake" for a in argv[:2]) or argv[1:3] == ["-m", "snakemake"]
 
 
+def _parent(pid: int) -> int:
+    """The parent PID from ``/proc/<pid>/stat`` (0 when unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _ancestors() -> set[int]:
     """This process and its parents: a job's own Snakemake is not "another run"."""
     chain, pid = {os.getpid()}, os.getppid()
     while pid > 1 and pid not in chain:
         chain.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+        pid = _parent(pid)
     return chain
 
 
@@ -56,7 +61,8 @@ def live_runs(workdir: str | os.PathLike = ".") -> list[int]:
         except OSError:  # gone meanwhile, or another user's
             continue
         found.append(int(pid))
-    return sorted(found)
+    # A run's own children (a fork not yet exec'd still shows Snakemake's argv) are that run, not another.
+    return sorted(pid for pid in found if _parent(pid) not in found)
 
 
 def explain_lock(workdir: str | os.PathLike = ".", stream: TextIO | None = None) -> str | None:
