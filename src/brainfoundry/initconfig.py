@@ -102,6 +102,14 @@ def _pattern(table: pd.DataFrame, columns: dict[str, str], files: list[Path], se
     return None
 
 
+def _dataset_root(bold: Path) -> str:
+    """The BIDS (or derivatives) root of a BOLD file: the folder above its ``sub-*`` folder."""
+    root = bold.parent
+    while root.parent != root and not root.name.startswith("sub-"):
+        root = root.parent
+    return str(root.parent)
+
+
 def inspect_folder(folder: str | Path) -> dict[str, Any]:
     """What the folder holds: ``entry_point``, the paths and guesses ``init`` writes, and ``notes``."""
     folder = Path(folder)
@@ -110,20 +118,14 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
     notes: list[str] = []
     preproc = sorted(folder.rglob("*_desc-preproc_bold.nii*"))
     if preproc:
-        root = preproc[0].parent
-        while root.parent != root and not root.name.startswith("sub-"):
-            root = root.parent
         tr = _repetition_time(sorted(folder.rglob("*_desc-preproc_bold.json")))
         notes.append(f"fMRIPrep derivatives: {len(preproc)} preprocessed BOLD files")
-        return {"entry_point": "derivatives", "derivatives_dir": str(root.parent), "tr": tr, "notes": notes}
+        return {"entry_point": "derivatives", "derivatives_dir": _dataset_root(preproc[0]), "tr": tr, "notes": notes}
     bold = sorted(p for p in folder.rglob("*_bold.nii*") if "/func/" in p.as_posix())
     if bold:
-        root = bold[0].parent
-        while root.parent != root and not root.name.startswith("sub-"):
-            root = root.parent
         tr = _repetition_time(sorted(folder.rglob("*_bold.json")))
         notes.append(f"raw BIDS: {len(bold)} BOLD files (TR {tr} s from the sidecars; the index reads each run's)")
-        return {"entry_point": "raw", "bids_dir": str(root.parent), "tr": tr, "notes": notes}
+        return {"entry_point": "raw", "bids_dir": _dataset_root(bold[0]), "tr": tr, "notes": notes}
 
     tables, labels = [], None
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES):

@@ -639,24 +639,11 @@ def _validate(model: FoundationModel, source: Any, cfg: TrainConfig, dist: Dist,
 
 
 def _zero_loss(model: FoundationModel, batch: Mapping[str, Any]) -> float | None:
-    """Masked-reconstruction loss of the all-zero prediction on the batch's own masks (the batch seeds draw
-    the ones the model was scored on): the learning curve's "did it learn at all" line. Series are
-    robust-scaled, so zero is the training median. None for a loss that is not an MSE of the series
-    (BrainMass's matrix modelling and identification, the LCM's), where zero is no reference."""
-    from brainfoundry.models.base import masked_mean_per_sample
-
-    if hasattr(model, "zero_loss"):  # a family whose samples are not the window itself (SC-MBM's frames)
-        return model.zero_loss(batch)
-    if not (hasattr(model, "patchify") and hasattr(model, "draw_masks")):
-        return None
-    x = batch["x"]
-    b = x.shape[0]
-    patches = model.patchify(x).float()
-    hidden, _ = model.draw_masks(batch, b, device=x.device)
-    valid = batch.get("mask")
-    valid = torch.ones(b, x.shape[1], dtype=torch.bool, device=x.device) if valid is None else valid.to(x.device)
-    valid = valid.view(b, 1, *patches.shape[2:4])
-    return float(masked_mean_per_sample(patches ** 2, hidden[..., None] & valid).mean())
+    """The family's masked-reconstruction loss of the all-zero prediction on the batch's own masks (the
+    learning curve's "did it learn at all" line): ``model.zero_loss`` where the family defines one
+    (BrainLM, SC-MBM); None for a loss that is not an MSE of the series (BrainMass, the LCM)."""
+    zero_loss = getattr(model, "zero_loss", None)
+    return None if zero_loss is None else zero_loss(batch)
 
 
 def _finetune_queries(model, source, cfg: TrainConfig, log) -> FoundationModel:

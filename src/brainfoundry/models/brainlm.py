@@ -253,6 +253,19 @@ class BrainLM(FoundationModel):
         latent, keep = self.encode_tokens(patches, hidden)
         return self.unpatchify(self.decode(latent, keep))
 
+    @torch.no_grad()
+    def zero_loss(self, batch: Mapping[str, Any]) -> float:
+        """The masked-patch MSE of the all-zero prediction on the batch's own masks (the batch seeds draw
+        the ones the model is scored on). Series are robust-scaled, so zero is the training median."""
+        x = batch["x"]
+        b = x.shape[0]
+        patches = self.patchify(x).float()
+        hidden, _ = self.draw_masks(batch, b, device=x.device)
+        valid = batch.get("mask")
+        valid = torch.ones(b, x.shape[1], dtype=torch.bool, device=x.device) if valid is None else valid.to(x.device)
+        valid = valid.view(b, 1, *patches.shape[2:4])
+        return float(masked_mean_per_sample(patches ** 2, hidden[..., None] & valid).mean())
+
     def ssl_forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Loss, metrics and per-parcel tokens ``[B, N, D]`` (mean of each parcel's visible tokens)."""
         c = self.config
