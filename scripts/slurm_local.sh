@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# A real single-node Slurm (munge + MariaDB + slurmdbd + slurmctld + slurmd) for the test suite and CI.
+# A real two-node Slurm on this one host (munge + MariaDB + slurmdbd + slurmctld + two slurmd) for the
+# test suite and CI.
 #
 #   scripts/slurm_local.sh start    install Debian's packages when missing, write the config, start the
-#                                   daemons that are not running, wait until the node is idle
+#                                   daemons that are not running, wait until both nodes are idle
 #   scripts/slurm_local.sh stop     stop every daemon this script started, by its recorded PID
 #   scripts/slurm_local.sh status   exit 0 when every daemon runs and the node answers
 #
@@ -13,7 +14,11 @@
 #   default path /etc/slurm/slurm.conf (SLURM_CONF would be lost inside jobs);
 # - without slurmdbd the plugin waits forever on sacct, so accounting runs on MariaDB;
 # - no cgroups here: proctrack/linuxproc and task/none;
-# - two fake GPUs (gres.conf File= on empty files) so GPU requests are really scheduled and accounted.
+# - two fake GPUs per node (gres.conf File= on empty files) so GPU requests are really scheduled and accounted;
+# - two nodes, <host>-1 and <host>-2, both this host (NodeHostname), each slurmd on its own Port= and
+#   started with `slurmd -N <name>` (own spool dir, PID and log file through %n), so multi-node jobs
+#   (`sbatch --nodes=2`, `srun` across both) really run. Each node offers the whole machine's CPUs and
+#   memory: a test cluster, overcommitted on purpose, so single-node tests see the sizes they always saw.
 #
 # Environment knobs: BF_SLURM_STATE (PID/state dir), BF_SLURM_CLUSTER, BF_SLURM_PARTITION,
 # BF_SLURM_TIMEOUT (seconds to wait for the node).
@@ -31,8 +36,10 @@ DB_PASS=brainfoundry-local
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server mariadb-client)
 # Binaries that prove the packages are installed (fast path: no apt at all).
 BINARIES=(slurmctld slurmd slurmdbd sbatch sacct sacctmgr sinfo scontrol munged mariadbd mariadb)
-NODE=$(hostname -s)
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+HOST=$(hostname -s)
+NODES=("$HOST-1" "$HOST-2")
+NODE_PORTS=(17001 17002)
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd-1 slurmd-2)
 
 say() { echo "slurm_local: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -113,23 +120,31 @@ write_config() {
   mem_total=$(free -m | awk '/^Mem:/ {print $2}')
   # Stay under what the machine has, leaving room for the daemons and the test process.
   real_mem=$((mem_total * 80 / 100))
-  mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd "$STATE/gpu"
-  : >"$STATE/gpu/fake-gpu0"
-  : >"$STATE/gpu/fake-gpu1"
+  mkdir -p "$CONF_DIR" /var/spool/slurmctld "$STATE/gpu"
+  local n node_lines="" gres_lines=""
+  for n in 0 1; do
+    mkdir -p "/var/spool/slurmd/${NODES[n]}"
+    : >"$STATE/gpu/${NODES[n]}-gpu0"
+    : >"$STATE/gpu/${NODES[n]}-gpu1"
+    node_lines+="NodeName=${NODES[n]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=${NODE_PORTS[n]} CPUs=$cpus RealMemory=$real_mem Gres=gpu:2 State=UNKNOWN"$'\n'
+    gres_lines+="NodeName=${NODES[n]} Name=gpu File=$STATE/gpu/${NODES[n]}-gpu0"$'\n'
+    gres_lines+="NodeName=${NODES[n]} Name=gpu File=$STATE/gpu/${NODES[n]}-gpu1"$'\n'
+  done
   write_if_changed "$CONF_DIR/slurm.conf" 644 <<EOF && changed=0
-# Written by brainfoundry scripts/slurm_local.sh: a single-node test cluster.
+# Written by brainfoundry scripts/slurm_local.sh: a two-node test cluster on one host.
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CryptoType=crypto/munge
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+# %n: the node name, so the two slurmd of this host keep apart.
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=$LOGDIR/slurmctld.log
-SlurmdLogFile=$LOGDIR/slurmd.log
+SlurmdLogFile=$LOGDIR/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -153,13 +168,11 @@ AccountingStorageTRES=gres/gpu
 AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 GresTypes=gpu
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem Gres=gpu:2 State=UNKNOWN
-PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   write_if_changed "$CONF_DIR/gres.conf" 644 <<EOF && changed=0
-# Two fake GPUs backed by empty files: enough for Slurm to schedule and account gres/gpu.
-NodeName=$NODE Name=gpu File=$STATE/gpu/fake-gpu0
-NodeName=$NODE Name=gpu File=$STATE/gpu/fake-gpu1
+# Two fake GPUs per node backed by empty files: enough for Slurm to schedule and account gres/gpu.
+${gres_lines%$'\n'}
 EOF
   write_if_changed "$CONF_DIR/slurmdbd.conf" 600 <<EOF && changed=0
 # Written by brainfoundry scripts/slurm_local.sh.
@@ -235,27 +248,31 @@ start_slurmctld() {
   record slurmctld /run/slurmctld.pid
 }
 
+# start_slurmd INDEX: the slurmd of node NODES[INDEX] (daemon name slurmd-<INDEX+1>).
 start_slurmd() {
-  alive slurmd && return 0
-  rm -f /run/slurmd.pid
-  slurmd >"$LOGDIR/slurmd.out" 2>&1 || die "slurmd failed (see $LOGDIR/slurmd.log)"
-  record slurmd /run/slurmd.pid
+  local node=${NODES[$1]} name=slurmd-$(($1 + 1))
+  alive "$name" && return 0
+  rm -f "/run/slurmd-$node.pid"
+  slurmd -N "$node" >"$LOGDIR/slurmd-$node.out" 2>&1 || die "slurmd -N $node failed (see $LOGDIR/slurmd-$node.log)"
+  record "$name" "/run/slurmd-$node.pid"
 }
 
-node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
+node_state() { sinfo -h -n "$1" -o %T 2>/dev/null | head -n1; }
 
 wait_idle() {
-  local deadline=$((SECONDS + TIMEOUT)) state
-  while :; do
-    state=$(node_state)
-    case "$state" in
-      idle | mixed | allocated | completing) return 0 ;;
-      down* | drain* | *drain)
-        # ReturnToService normally does this; a node left down by an earlier unclean stop needs a nudge.
-        scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
-    esac
-    [ $SECONDS -lt $deadline ] || die "node $NODE not idle after ${TIMEOUT}s (state: ${state:-none}; see $LOGDIR)"
-    sleep 0.5
+  local deadline=$((SECONDS + TIMEOUT)) state node
+  for node in "${NODES[@]}"; do
+    while :; do
+      state=$(node_state "$node")
+      case "$state" in
+        idle | mixed | allocated | completing) break ;;
+        down* | drain* | *drain)
+          # ReturnToService normally does this; a node left down by an earlier unclean stop needs a nudge.
+          scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true ;;
+      esac
+      [ $SECONDS -lt $deadline ] || die "node $node not idle after ${TIMEOUT}s (state: ${state:-none}; see $LOGDIR)"
+      sleep 0.5
+    done
   done
 }
 
@@ -279,9 +296,13 @@ stop_one() {
   rm -f "$STATE/$name.pid"
 }
 
+# The single slurmd of this script's earlier, one-node layout (PID recorded as slurmd).
+stop_legacy_slurmd() { stop_one slurmd; }
+
 cmd_stop() {
   [ "$(id -u)" = 0 ] || cannot "stopping the local Slurm needs root"
   local i
+  stop_legacy_slurmd
   # Reverse start order: compute daemons first, the database and munge last.
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_one "${DAEMONS[i]}"; done
   say "stopped"
@@ -291,9 +312,12 @@ cmd_start() {
   [ "$(id -u)" = 0 ] || cannot "a local Slurm needs root (the daemons run as root/munge/mysql)"
   mkdir -p "$STATE" "$LOGDIR"
   install_packages
-  if write_config && all_alive; then
-    say "configuration changed; restarting the Slurm daemons"
-    stop_one slurmd
+  if write_config; then
+    # Daemons still running on the old configuration (the single-node one included) start again on this one.
+    alive slurmctld && say "configuration changed; restarting the Slurm daemons"
+    stop_legacy_slurmd
+    stop_one slurmd-2
+    stop_one slurmd-1
     stop_one slurmctld
     stop_one slurmdbd
   fi
@@ -301,9 +325,10 @@ cmd_start() {
   start_mariadb
   start_slurmdbd
   start_slurmctld
-  start_slurmd
+  start_slurmd 0
+  start_slurmd 1
   wait_idle
-  say "ready: cluster $CLUSTER, node $NODE ($(nproc) CPUs, 2 fake GPUs), partition $PARTITION"
+  say "ready: cluster $CLUSTER, nodes ${NODES[*]} on $HOST ($(nproc) CPUs, 2 fake GPUs each), partition $PARTITION"
 }
 
 cmd_status() {
@@ -312,8 +337,12 @@ cmd_status() {
     if alive "$d"; then echo "$d running (pid $(pid_of "$d"))"; else echo "$d not running"; rc=1; fi
   done
   if [ $rc = 0 ]; then
-    echo "node $NODE: $(node_state)"
-    [ -n "$(node_state)" ] || rc=1
+    local node state
+    for node in "${NODES[@]}"; do
+      state=$(node_state "$node")
+      echo "node $node: $state"
+      [ -n "$state" ] || rc=1
+    done
   fi
   return $rc
 }
