@@ -380,3 +380,51 @@ def test_shards_are_hashed_once_per_process(built, tmp_path):
     assert shards.verify_shards(paths) == 0
     paths[0].write_bytes(paths[0].read_bytes())  # rewritten (new mtime): checked again
     assert shards.verify_shards(paths) == 1
+
+
+# -- partition="samples": the global batches of the one-process stream, on any number of ranks -------------
+@pytest.mark.parametrize("world,num_workers", [(2, 0), (3, 2)])
+def test_samples_partition_gives_each_rank_its_slice_of_the_one_process_batches(built, world, num_workers):
+    local = 2
+
+    def batches(rank, size):
+        ds = _dataset(built, split=None, rank=rank, world_size=size, partition="samples")
+        return [list(zip(b["run_id"], b["start"].tolist()))  # one process: the whole global batch
+                for b in make_dataloader(ds, batch_size=local * world // size, num_workers=num_workers)]
+
+    one = batches(0, 1)
+    ranks = [batches(r, world) for r in range(world)]
+    positions = [[b["position"].tolist() for b in make_dataloader(
+        _dataset(built, split=None, rank=r, world_size=world, partition="samples"), batch_size=local,
+        num_workers=num_workers)] for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1  # every rank takes as many steps (no collective waits forever)
+    for step, parts in enumerate(zip(*ranks)):
+        merged = [s for part in parts for s in part]
+        if len(one[step]) == local * world:
+            assert [len(p) for p in parts] == [local] * world
+        assert merged == one[step], step  # the same samples, windows and order as the one-process batch
+        # each sample's index in the global batch (the trainer seeds its masks with it)
+        assert [i for mine in positions for i in mine[step]] == list(range(len(one[step])))
+    assert len(ranks[0]) == len(one)
+    # plan_sizes (the trainer's "every rank has data" check) counts what each rank yields
+    ds = _dataset(built, split=None, rank=0, world_size=world, partition="samples")
+    ds.batch_size = local
+    assert ds.plan_sizes(num_workers).sum(axis=1).tolist() == [sum(map(len, r)) for r in ranks]
+
+
+def test_samples_partition_resumes_exactly(built):
+    def loader(rank):
+        return make_dataloader(_dataset(built, split=None, rank=rank, world_size=2, partition="samples"),
+                               batch_size=3, num_workers=0)
+
+    full = [list(zip(b["run_id"], b["start"].tolist())) for b in loader(1)]
+    first = loader(1)
+    it = iter(first)
+    got = [list(zip(b["run_id"], b["start"].tolist())) for b in (next(it), next(it), next(it))]
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = loader(1)
+    resumed.load_state_dict(state)
+    got += [list(zip(b["run_id"], b["start"].tolist())) for b in resumed]
+    assert got == full
+    with pytest.raises(Exception, match="partition"):
+        _dataset(built, partition="rows")

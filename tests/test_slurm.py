@@ -352,3 +352,91 @@ def test_fmriprep_job_asks_slurm_for_the_set_resources_memory(running_slurm, dem
     finally:
         if submitted:
             subprocess.run(["scancel", *submitted], capture_output=True, text=True)
+
+
+# -- pretraining on two nodes: srun + torchrun (c10d, gloo) ends where one process ends --------------------
+def _nodes() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True).stdout
+    return sorted(set(out.split()))
+
+
+def test_pretraining_on_two_nodes_ends_equal_to_one_process(running_slurm, demo_config, tmp_path):
+    """`pretrain.nodes: 2` on the two-node local Slurm: the pretrain job asks for 2 nodes, its shell's srun
+    starts one torchrun agent on each (c10d rendezvous on the first node, 1 gloo process per node), and
+    the model it writes equals the one of `brainfoundry train` in one process with the same settings
+    (the same global batch: trainer.partition "samples" hands each rank its slice of it)."""
+    import torch
+
+    from brainfoundry.models import read_model_file
+    from brainfoundry.workflow.pretrain import workflow_settings
+
+    nodes = _nodes()
+    if len(nodes) < 2:
+        pytest.skip(f"the local Slurm has {len(nodes)} node(s); scripts/slurm_local.sh start configures two")
+    cpus, memory = node_cpus_and_memory()
+    config = yaml.safe_load(demo_config.read_text())
+    config["pretrain"]["nodes"] = 2
+    # The demo's 2 training runs: one sample per rank and step, 6 steps, 1 torch thread per process.
+    config["pretrain"]["trainer"].update(batch_size=2, threads=1)
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    atlas = config["atlas"]["name"]
+    shard_dir = f"results/shards/{atlas}"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    # The shards locally (the Slurm of the rest of the workflow is the first test's); pretraining on Slurm.
+    cmd = snakemake_cmd(workdir, configfile, "--profile", str(DEFAULT_PROFILE.parent), "--cores", "2",
+                        f"{shard_dir}/manifest.parquet", f"{shard_dir}/norm_stats.parquet")
+    done = subprocess.run(["timeout", "-s", "KILL", "600", *cmd], capture_output=True, text=True, env=run_env(),
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # The same settings, the same shards, one process: `brainfoundry train` as the rule runs it with one
+    # node, in the background while Slurm runs the two-node job (the test's time is mostly start-ups).
+    settings = json.dumps(workflow_settings(config, "brainlm"), sort_keys=True)
+    single = tmp_path / "single"
+    one = subprocess.Popen([str(Path(snakemake_cmd(workdir, configfile)[0]).parent / "brainfoundry"), "train",
+                            "--family", "brainlm", "--shards", str(workdir / shard_dir), "--out", str(single),
+                            "--config-json", settings, "--resume", "never"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env())
+
+    profile = site_profile(tmp_path / "profile", cores=cpus, mem_cap_mb=min(MEM_CAP_MB, memory // 4), retries=0, jobs=5)
+    cmd = snakemake_cmd(workdir, configfile, "--profile", str(profile), "--slurm-no-account", "--retries", "0")
+    cmd.insert(1, "results/models/brainlm/model.safetensors")  # before --configfile, which takes what follows
+    run = subprocess.run(["timeout", "-s", "KILL", "600", *cmd], capture_output=True, text=True, env=run_env(),
+                         check=False)
+    log = run.stdout + run.stderr
+    train_log = workdir / "results" / "logs" / "pretrain" / "brainlm.log"
+    submitted = submitted_job_ids(log)
+    try:
+        assert run.returncode == 0, log[-4000:] + (train_log.read_text()[-4000:] if train_log.exists() else "")
+        assert len(submitted) == 1, log[-3000:]
+        out = subprocess.run(["sacct", "-n", "-P", "-j", submitted[0], "-o", "JobID,NNodes,NodeList,State"],
+                             capture_output=True, text=True, check=True).stdout
+        records = {line.split("|")[0]: line.split("|")[1:] for line in out.splitlines() if line}
+        job = records[submitted[0]]
+        assert job[0] == "2" and job[2] == "COMPLETED", out  # the allocation: two nodes
+        # The shell's srun: one step over both nodes (the torchrun agents), completed.
+        steps = [v for k, v in records.items() if k.split(".")[-1].isdigit() and "." in k]
+        assert any(s[0] == "2" and s[2] == "COMPLETED" for s in steps), out
+        sinfo_names = subprocess.run(["scontrol", "show", "hostnames", job[1]], capture_output=True, text=True,
+                                     check=True).stdout.split()
+        assert sorted(sinfo_names) == nodes[:2], (job, nodes)
+    finally:
+        if submitted and run.returncode != 0:
+            subprocess.run(["scancel", *submitted], capture_output=True, text=True, check=False)
+    model_dir = workdir / "results" / "models" / "brainlm"
+    assert json.loads((model_dir / "summary.json").read_text())["world_size"] == 2
+    assert "world size 2" in train_log.read_text()
+
+    one_log, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, one_log[-3000:]
+    assert json.loads((single / "summary.json").read_text())["world_size"] == 1
+    a = read_model_file(single / "model.safetensors")["state_dict"]
+    b = read_model_file(model_dir / "model.safetensors")["state_dict"]
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    final = [json.loads((d / "summary.json").read_text())["final"] for d in (single, model_dir)]
+    assert final[1]["loss"] == pytest.approx(final[0]["loss"], rel=1e-4)
+    assert final[1]["val_loss"] == pytest.approx(final[0]["val_loss"], rel=1e-4)

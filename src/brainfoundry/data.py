@@ -2,7 +2,10 @@
 
 Work is split in units of (shard, row group). Each epoch the units are permuted (same permutation on
 every rank), then dealt round-robin to the ``world_size x num_workers`` readers, so every run is read
-exactly once per epoch. A reader decodes its row groups in order (one sequential read per row
+exactly once per epoch (``partition="row_groups"``). With ``partition="samples"`` (the trainer's default)
+every rank plans the one-process stream instead and keeps its slice of each global batch, so a run on G
+ranks sees the batches of the one-process run whatever G is; each rank then decodes the row groups its
+slices come from (with shuffling, about all of them). A reader decodes its row groups in order (one sequential read per row
 group, never one per sample) and shuffles with a bounded buffer: up to ``R`` decoded row groups are
 resident, each sample is drawn uniformly from their remaining rows, and an exhausted row group is
 replaced by the next one (``R = ceil(buffer_size / rows per row group)``).
@@ -27,6 +30,7 @@ Samples (or batches of them, with a leading batch dimension) are dicts:
 - ``zero_variance`` bool ``[N]`` (parcels constant in this run)
 - ``pfc`` ``[K, E]`` in the stored dtype, when ``pfc=True``
 - ``worker``: the reader's worker index, used by :class:`ShardLoader` for resume bookkeeping
+- ``position`` (``partition="samples"`` on several ranks): each sample's index in the global batch
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from brainfoundry.shards import (
     check_compatible, decode_binary, find_shards, open_shard, read_norm_stats, sha256_verified, shard_metadata,
     verify_shards)
 
+PARTITIONS = ("samples", "row_groups")
 INDEX_COLUMNS = ("run_id", "subject", "split", "n_timepoints", "n_parcels", "age", "sex", "diagnosis", "site")
 CATEGORICAL = ("sex", "diagnosis", "site")
 _MASK64 = (1 << 64) - 1
@@ -106,6 +111,14 @@ class ShardDataset(IterableDataset):
         Also yield the stored pFC views ``[K, E]``.
     rank, world_size
         DDP position; default ``torch.distributed`` when initialised, else a single process.
+    partition
+        How ranks share an epoch: ``"row_groups"``, each rank reads its own share of the row groups
+        (its batches depend on the number of ranks); ``"samples"``, each rank takes positions
+        ``[rank * b, (rank + 1) * b)`` of every block of ``world_size * b`` samples of the one-process
+        stream (``b = batch_size``, needed), so the global batches do not depend on the number of ranks.
+        An epoch's last, short block is split as evenly as possible; it is dropped with ``drop_last``, and,
+        when it has fewer samples than ranks, by a shuffled stream (so that every training rank takes every
+        step); an unshuffled one leaves the last ranks without a batch for it.
     batch_size, drop_last
         Yield batches of this many samples (per worker; the last one smaller unless ``drop_last``)
         instead of single samples. Use with ``DataLoader(batch_size=None)``; :class:`ShardLoader`
@@ -116,7 +129,7 @@ class ShardDataset(IterableDataset):
                  window: int = 200, short_runs: str = "skip", crop: str = "random", shuffle: bool = True,
                  buffer_size: int = 256, seed: int = 0, norm_stats: str | Path | None = None, scale: bool = True,
                  pfc: bool = False, rank: int | None = None, world_size: int | None = None,
-                 batch_size: int | None = None, drop_last: bool = False):
+                 batch_size: int | None = None, drop_last: bool = False, partition: str = "row_groups"):
         super().__init__()
         if isinstance(shards, (str, Path)) and Path(shards).is_dir():
             paths = find_shards(shards)
@@ -132,6 +145,9 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"crop must be random, center or start, got {crop!r}")
         if int(window) < 1:
             raise ConfigError("shards.window", f"must be >= 1, got {window}")
+        if partition not in PARTITIONS:
+            raise ConfigError("trainer.partition", f"must be one of {PARTITIONS}, got {partition!r}")
+        self.partition = partition
         self.paths = [str(p) for p in paths]
         self.splits = None if split is None else ({split} if isinstance(split, str) else set(split))
         self.window = int(window)
@@ -317,8 +333,37 @@ class ShardDataset(IterableDataset):
         """Samples per ``[rank, worker]`` this epoch (DDP trainers can take the minimum over ranks)."""
         _, world = _dist_info(self._rank, self._world)
         nw = max(1, num_workers)
+        if self._by_samples(world):
+            return np.array([[sum(len(rows) for _, rows in self._rank_slices(w, nw, r, world)) for w in range(nw)]
+                             for r in range(world)], dtype=np.int64)
         return np.array([[sum(len(self.units[u]) for u in self.units_for(r, world, w, nw)) for w in range(nw)]
                          for r in range(world)], dtype=np.int64)
+
+    def _by_samples(self, world: int) -> bool:
+        if self.partition != "samples" or world == 1:
+            return False
+        if self.batch_size is None:
+            raise ValueError('partition="samples" needs batch_size (the per-rank batch)')
+        return True
+
+    def _rank_slices(self, worker: int, num_workers: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
+        """``partition="samples"``: this rank's part of every global block of the one-process stream of
+        reader ``worker``: (position of its first sample in the block, rows) per local batch."""
+        order = self.plan(self.units_for(0, 1, worker, num_workers), 0, worker, num_workers)
+        block = self.batch_size * world
+        out = []
+        for first in range(0, len(order), block):
+            piece = order[first:first + block]
+            n = len(piece)
+            # A shuffled (training) stream keeps every rank taking every step: a short block that cannot
+            # give each rank a sample is skipped by all. An evaluation stream hands it to the first ranks.
+            if n < block and (self.drop_last or (n < world and self.shuffle)):
+                continue
+            lo, hi = (rank * self.batch_size, (rank + 1) * self.batch_size) if n == block else \
+                (rank * n // world, (rank + 1) * n // world)
+            if hi > lo:
+                out.append((lo, piece[lo:hi]))
+        return out
 
     def crop_start(self, row: int) -> int:
         n_t = int(self.n_timepoints[row])
@@ -494,6 +539,9 @@ class ShardDataset(IterableDataset):
         if skip_list and len(skip_list) != num_workers:
             raise ValueError(f"resume state was saved with {len(skip_list)} worker(s); this loader has {num_workers}")
         skip = skip_list[worker] if skip_list else 0
+        if self._by_samples(world):
+            yield from self._iter_slices(worker, num_workers, rank, world, skip, shared, count)
+            return
         units = self.units_for(rank, world, worker, num_workers)
         order = self.plan(units, rank, worker, num_workers)[skip:]
         rows = self._rows(order, units)
@@ -517,6 +565,25 @@ class ShardDataset(IterableDataset):
             if count:
                 self._yielded_here[0] += len(pending)
             yield self._batch(pending, worker, shared=shared)
+
+    def _iter_slices(self, worker: int, num_workers: int, rank: int, world: int, skip: int, shared: bool,
+                     count: bool) -> Iterator[dict[str, Any]]:
+        """``partition="samples"``: one batch per global block, this rank's slice of it, from ``skip`` on."""
+        slices = []
+        for first, piece in self._rank_slices(worker, num_workers, rank, world):
+            if skip >= len(piece):
+                skip -= len(piece)
+                continue
+            slices.append((first + skip, piece[skip:]))
+            skip = 0
+        rows = self._rows([r for _, piece in slices for r in piece], self.units_for(0, 1, worker, num_workers))
+        for first, piece in slices:
+            batch = self._batch([next(rows) for _ in piece], worker, shared=shared)
+            # Where the samples sit in the global batch: the trainer's per-sample seeds follow it.
+            batch["position"] = torch.arange(first, first + len(piece))
+            if count:
+                self._yielded_here[0] += len(piece)
+            yield batch
 
 
 class _Failure:

@@ -17,7 +17,10 @@ Distributed: launch with ``torchrun --nproc_per_node G --no-python brainfoundry 
 is the global batch, split evenly over ranks; gradients are averaged by DDP and every loss is a mean
 of per-sample terms, so one process with batch B and G processes with B/G each take the same steps.
 Per-sample randomness (masks, views) comes from ``batch["seed"]``, a function of the global seed,
-the step and the sample's global index, never of the rank layout.
+the step and the sample's global index, never of the rank layout. On shards, ``trainer.partition:
+samples`` (the default) gives each rank its slice of the one-process run's global batches
+(:class:`brainfoundry.data.ShardDataset`), so a run on G ranks ends where the one-process run ends (an
+epoch's last, short batch excepted: split over the ranks, its loss is a mean of per-rank means).
 """
 
 from __future__ import annotations
@@ -179,7 +182,8 @@ class ShardSource:
         cfg = self.cfg
         ds = ShardDataset(self.shards, split=split, window=self.window, short_runs=cfg.short_runs, seed=cfg.seed,
                           crop="random" if train else "center", shuffle=train, buffer_size=cfg.shuffle_buffer,
-                          pfc=self.need_pfc, rank=rank, world_size=world_size)
+                          pfc=self.need_pfc, rank=rank, world_size=world_size, partition=cfg.partition,
+                          batch_size=batch_size)
         if ds.n_samples == 0:
             skipped = f" ({ds.n_short_skipped} runs shorter than the {self.window}-point window skipped)" \
                 if ds.n_short_skipped else ""
@@ -497,7 +501,7 @@ def train(family: str, out: str | Path, *, shards: str | Path | None = None, mod
         wait_interval += time.perf_counter() - t0
         n_local = len(batch["run_id"])
         batch = to_device(batch, keys, device)
-        batch["seed"] = sample_seeds(cfg.seed, step, dist.rank * local_bs, n_local)
+        batch["seed"] = sample_seeds(cfg.seed, step, _first_position(batch, dist, local_bs), n_local)
         if env_names:
             batch.update(source.env_values(batch["run_id"], env_names))
 
@@ -621,7 +625,7 @@ def _validate(model: FoundationModel, source: Any, cfg: TrainConfig, dist: Dist,
             break
         n = len(batch["run_id"])
         batch = to_device(batch, keys, dist.device)
-        batch["seed"] = sample_seeds(cfg.seed + 1, 10**9 + i, dist.rank * local_bs, n)
+        batch["seed"] = sample_seeds(cfg.seed + 1, 10**9 + i, _first_position(batch, dist, local_bs), n)
         if env_names:
             batch.update(source.env_values(batch["run_id"], env_names))
         with autocast:
@@ -636,6 +640,13 @@ def _validate(model: FoundationModel, source: Any, cfg: TrainConfig, dist: Dist,
     model.train(was_training)
     total, count, zero_total, zero_count = _all_reduce([total, count, zero_total, zero_count], dist)
     return (total / count if count else float("nan"), zero_total / zero_count if zero_count else float("nan"))
+
+
+def _first_position(batch: Mapping[str, Any], dist: Dist, local_bs: int) -> int:
+    """Index of the batch's first sample in the global batch: the shards' ``position`` where the ranks split
+    a short batch evenly (``trainer.partition: samples``), else the rank's slot."""
+    position = batch.get("position")
+    return int(position[0]) if position is not None and len(position) else dist.rank * local_bs
 
 
 def _zero_loss(model: FoundationModel, batch: Mapping[str, Any]) -> float | None:

@@ -39,6 +39,11 @@ class TrainConfig:
     shuffle_buffer: int = 256
     num_workers: int = 0
     drop_last: bool = False
+    #: How DDP ranks share the shards: "samples", each rank takes its slice of the one-process run's
+    #: global batches (the run does not depend on the number of ranks; every rank decodes the row groups
+    #: its slices come from); "row_groups", each rank reads only its share of the row groups (1/G of the
+    #: decoding, but batches, hence weights, depend on G). The same with one process.
+    partition: str = "samples"
     checkpoint_every: int = 100
     log_every: int = 10
     #: Validation loss every this many steps (and at the end); 0 = only at the end.
@@ -79,6 +84,8 @@ class TrainConfig:
             raise ConfigError("trainer", "warmup_steps, grad_clip, num_workers and eval_every must be >= 0")
         if self.dtype not in ("bf16", "fp32"):
             raise ConfigError("trainer.dtype", f"must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.partition not in ("samples", "row_groups"):
+            raise ConfigError("trainer.partition", f"must be 'samples' or 'row_groups', got {self.partition!r}")
         if self.short_runs not in ("skip", "pad"):
             raise ConfigError("trainer.short_runs", f"must be 'skip' or 'pad', got {self.short_runs!r}")
         if not 0.0 <= self.threshold <= 1.0:

@@ -1,18 +1,22 @@
 # Pretraining: one job per model family on all shards of the atlas -> results/models/<family>/
 # (model.safetensors + model.json, metrics.csv, learning_curve.png in the report). GPUs come from the `gpu` resource that
 # snakemake-executor-plugin-slurm turns into a Slurm GPU request (config pretrain.gpus; 0 = CPU, the
-# demo); with more than one GPU the job runs torchrun on its node (DDP over env://, NCCL).
+# demo); with more than one GPU the job runs torchrun on its node (DDP over env://, NCCL). With
+# pretrain.nodes > 1 the job asks Slurm for that many nodes and starts one torchrun per node with srun
+# (c10d rendezvous; brainfoundry.workflow.pretrain.launcher).
 # A killed job resumes from results/models/<family>/checkpoint.pt when it is run again (--resume
 # auto); a checkpoint of other settings or data is not resumed (the log says why): training starts over.
 import json
 import os
 
-from brainfoundry.workflow.pretrain import FAMILY_NAMES, check_workflow_settings, launcher, workflow_settings
+from brainfoundry.workflow.pretrain import (FAMILY_NAMES, check_workflow_settings, gpus_per_node, launcher,
+                                            node_resources, pretrain_nodes, workflow_settings)
 
 PRETRAIN = dict(config.get("pretrain", {}) or {})
 # Unknown families and trainer keys stop the run here, naming the key, not hours into a job (torch-free:
 # model keys are checked by the pretrain job before it reads a shard).
 PRETRAIN_FAMILIES = check_workflow_settings(config)
+PRETRAIN_NODES = pretrain_nodes(config)
 MODELS_DIR = f"{RESULTS}/models"
 PRETRAIN_TARGETS = [f"{MODELS_DIR}/{family}/{name}" for family in PRETRAIN_FAMILIES
                     for name in ("model.safetensors", "model.json", "metrics.csv", "learning_curve.png")]
@@ -42,7 +46,7 @@ rule pretrain:
         shards=lambda wildcards, input: os.path.dirname(input.manifest),
         out=lambda wildcards, output: os.path.dirname(output.model),
         settings=lambda wildcards: json.dumps(workflow_settings(config, wildcards.family), sort_keys=True),
-        launcher=lambda wildcards, resources: launcher(resources.gpu),
+        launcher=lambda wildcards, resources: launcher(gpus_per_node(resources), PRETRAIN_NODES),
     log:
         f"{RESULTS}/logs/pretrain/{{family}}.log",
     benchmark:
@@ -52,6 +56,7 @@ rule pretrain:
         gpu=int(PRETRAIN.get("gpus", 0)),
         mem_mb=int(PRETRAIN.get("mem_mb", 4000)),
         runtime=int(PRETRAIN.get("runtime", 60)),
+        **node_resources(PRETRAIN_NODES),
     conda:
         BF_ENV
     container:

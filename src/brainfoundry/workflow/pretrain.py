@@ -46,8 +46,62 @@ def check_workflow_settings(config: Mapping[str, Any]) -> list[str]:
     return families
 
 
-def launcher(gpus: int) -> str:
-    """The command that starts training: torchrun over the node's GPUs when there are several."""
-    if int(gpus) > 1:
-        return f"torchrun --standalone --nproc-per-node={int(gpus)} -m brainfoundry.train"
-    return "brainfoundry train"
+def pretrain_nodes(config: Mapping[str, Any]) -> int:
+    """``pretrain.nodes``: Slurm nodes of each pretrain job (the schema's default is 1)."""
+    nodes = (config.get("pretrain") or {}).get("nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError("pretrain.nodes", f"must be an integer >= 1, got {nodes!r}")
+    return nodes
+
+
+def node_resources(nodes: int) -> dict[str, Any]:
+    """Resources of a pretrain job on ``nodes`` nodes, for snakemake-executor-plugin-slurm (none for one).
+
+    One task per node (``--nodes=M --ntasks=M``); ``mpi`` makes the plugin run the job's shell in the
+    batch script itself rather than inside a one-task ``srun``, so the shell's own ``srun`` spans every
+    node; ``tasks_per_gpu: 0`` keeps the plugin from turning the task count into ``--ntasks-per-gpu``.
+    GPUs per node come from the profile's ``gres`` (per node in Slurm).
+    """
+    if nodes <= 1:
+        return {}
+    return {"nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "mpi": "srun"}
+
+
+def gpus_per_node(resources: Mapping[str, Any]) -> int:
+    """GPUs of one node: the count of a ``gres`` of ``gpu[:type]:N`` (the Slurm profile), else ``gpu``."""
+    gres = str(resources.get("gres") or "")
+    if gres.startswith("gpu"):
+        count = gres.split(":")[-1]
+        return int(count) if count.isdigit() else 1
+    return int(resources.get("gpu") or 0)
+
+
+#: The c10d rendezvous port is this plus the Slurm job id modulo 20000, so that two pretrain jobs whose
+#: first node is the same do not meet at one port.
+RDZV_PORT_BASE = 20000
+
+
+def launcher(gpus: int, nodes: int = 1) -> str:
+    """The command that starts training.
+
+    One node: ``brainfoundry train``, or torchrun over the node's GPUs when there are several. ``nodes``
+    > 1 (inside a Slurm job of that many nodes): ``srun`` starts one torchrun agent per node, which meet
+    by a c10d rendezvous on the job's first node and start ``max(gpus, 1)`` processes each (one per GPU;
+    one on CPU nodes, with gloo). The node list is read from Slurm (``squeue``), since the executor
+    plugin clears ``SLURM_*`` but the job id inside jobs.
+    """
+    gpus, nodes = int(gpus), int(nodes)
+    if nodes <= 1:
+        if gpus > 1:
+            return f"torchrun --standalone --nproc-per-node={gpus} -m brainfoundry.train"
+        return "brainfoundry train"
+    per_node = max(gpus, 1)
+    job = '${SLURM_JOB_ID:?pretrain.nodes > 1 runs inside a Slurm job: use the Slurm profile}'
+    first = '$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N)" | head -n1)'
+    # NodeAddr: what the node answers on (its name, on most clusters).
+    addr = f'$(scontrol show node "{first}" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")'
+    port = f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % 20000))"
+    gres = f" --gres=gpu:{gpus}" if gpus > 0 else ""
+    return (f"srun --jobid={job} --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1{gres} --kill-on-bad-exit=1 "
+            f"torchrun --nnodes={nodes} --nproc-per-node={per_node} --rdzv-backend=c10d "
+            f"--rdzv-endpoint={addr}:{port} --rdzv-id=$SLURM_JOB_ID -m brainfoundry.train")
