@@ -110,3 +110,37 @@ def test_torchrun_cli_on_shards(tmp_path):
     ckpt = load_checkpoint(out / "checkpoint.pt")  # weights_only: the RNG states of both ranks are plain values
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and len(ckpt["data"]["per_rank"]) == 2
     assert "trained brainmass" in done.stdout
+
+
+def test_torchrun_on_shards_ends_equal_to_one_process_whatever_the_world_size(tmp_path):
+    """On shards, trainer.partition "samples" (the default) gives each of the 2 ranks its slice of the
+    one-process run's global batches, the epoch's short batch included (split 1 + 1), so both runs end
+    with the same weights; "row_groups" (each rank reads its own row groups) does not, which is why it
+    is not the default."""
+    shards = write_synthetic_shards(tmp_path / "shards", n_subjects=12, row_group_size=2, n_timepoints=T)
+    common = ["--family", "brainlm", "--shards", str(shards), "--resume", "never", "--set", "trainer.steps=4",
+              "--set", "trainer.batch_size=6", "--set", "trainer.threads=1", "--set", "trainer.warmup_steps=2",
+              "--set", "trainer.checkpoint_every=4", "--set", "trainer.eval_every=2"]
+    common += [f"--set=model.{k}={v}" for k, v in MODELS["brainlm"].items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "brainfoundry.train", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    weights = {}
+    for partition in ("samples", "row_groups"):
+        out = tmp_path / partition
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(_free_port()), "-m", "brainfoundry.train", *common, "--out", str(out),
+                               "--set", f"trainer.partition={partition}"],
+                              capture_output=True, text=True, env=env, timeout=240, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+        weights[partition] = read_model_file(out / "model.safetensors")["state_dict"]
+    single = read_model_file(tmp_path / "one" / "model.safetensors")["state_dict"]
+    for key, value in single.items():
+        torch.testing.assert_close(weights["samples"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    finals = [json.loads((tmp_path / d / "summary.json").read_text())["final"] for d in ("one", "samples")]
+    assert finals[1]["loss"] == pytest.approx(finals[0]["loss"], rel=1e-4)
+    assert finals[1]["val_loss"] == pytest.approx(finals[0]["val_loss"], rel=1e-4)
+    # Each rank reading its own row groups sees other batches: the weights move apart.
+    assert max(float((weights["row_groups"][k] - v).abs().max()) for k, v in single.items()) > 1e-3
