@@ -8,15 +8,18 @@ into the sbatch request.
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 
 import pytest
 
 from brainfoundry.errors import ConfigError
 from brainfoundry.workflow.pretrain import (
+    check_nodes_fit,
     gpus_per_node,
     launcher,
     node_resources,
+    partition_node_limit,
     pretrain_nodes,
 )
 
@@ -65,3 +68,26 @@ def test_pretrain_nodes_must_be_a_positive_integer(bad):
     with pytest.raises(ConfigError, match="pretrain.nodes"):
         pretrain_nodes({"pretrain": {"nodes": bad}})
     assert pretrain_nodes({"pretrain": {"nodes": 2}}) == 2 and pretrain_nodes({}) == 1
+
+
+SCONTROL = ("PartitionName=debug AllowGroups=ALL Default=YES MaxNodes=UNLIMITED Nodes=vm-[1-2] State=UP TotalNodes=2\n"
+            "PartitionName=gpu Default=NO MaxNodes=4 Nodes=g[01-16] State=UP TotalNodes=16\n")
+
+
+def test_partition_node_limit_reads_scontrol():
+    assert partition_node_limit(SCONTROL, None) == ("debug", 2)  # the default partition
+    assert partition_node_limit(SCONTROL, "gpu") == ("gpu", 4)  # MaxNodes below TotalNodes
+    assert partition_node_limit(SCONTROL, "nosuch") is None
+
+
+def test_more_nodes_than_the_partition_has_is_an_error_naming_the_key():
+    """On the local Slurm when it runs (two nodes): 2 fit, 3 do not."""
+    done = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, check=False) \
+        if shutil.which("scontrol") else None
+    if done is None or done.returncode != 0 or partition_node_limit(done.stdout, None) is None:
+        pytest.skip("no Slurm controller answers here (scripts/slurm_local.sh start)")
+    _, most = partition_node_limit(done.stdout, None)
+    check_nodes_fit(most, environ={})
+    check_nodes_fit(1, environ={})
+    with pytest.raises(ConfigError, match=r"pretrain.nodes.*at most"):
+        check_nodes_fit(most + 1, environ={})

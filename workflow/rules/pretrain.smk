@@ -9,14 +9,15 @@
 import json
 import os
 
-from brainfoundry.workflow.pretrain import (FAMILY_NAMES, check_workflow_settings, gpus_per_node, launcher,
-                                            node_resources, pretrain_nodes, workflow_settings)
+from brainfoundry.workflow.pretrain import (FAMILY_NAMES, check_nodes_fit, check_workflow_settings, gpus_per_node,
+                                            launcher, node_resources, pretrain_nodes, workflow_settings)
 
 PRETRAIN = dict(config.get("pretrain", {}) or {})
 # Unknown families and trainer keys stop the run here, naming the key, not hours into a job (torch-free:
 # model keys are checked by the pretrain job before it reads a shard).
 PRETRAIN_FAMILIES = check_workflow_settings(config)
 PRETRAIN_NODES = pretrain_nodes(config)
+check_nodes_fit(PRETRAIN_NODES)  # Slurm would leave a job of more nodes than the partition has pending for ever
 MODELS_DIR = f"{RESULTS}/models"
 PRETRAIN_TARGETS = [f"{MODELS_DIR}/{family}/{name}" for family in PRETRAIN_FAMILIES
                     for name in ("model.safetensors", "model.json", "metrics.csv", "learning_curve.png")]

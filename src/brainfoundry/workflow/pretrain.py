@@ -9,6 +9,9 @@ any shard.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +55,44 @@ def pretrain_nodes(config: Mapping[str, Any]) -> int:
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ConfigError("pretrain.nodes", f"must be an integer >= 1, got {nodes!r}")
     return nodes
+
+
+def partition_node_limit(text: str, partition: str | None) -> tuple[str, int] | None:
+    """(partition, most nodes one job may have there) from ``scontrol show partition -o``: the named
+    partition, or the default one; None when it is not listed."""
+    for line in text.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        if "PartitionName" not in fields:
+            continue
+        if (partition and fields["PartitionName"] == partition) or (not partition and fields.get("Default") == "YES"):
+            total = int(fields.get("TotalNodes", "0"))
+            limit = fields.get("MaxNodes", "UNLIMITED")
+            return fields["PartitionName"], total if not limit.isdigit() else min(total, int(limit))
+    return None
+
+
+def check_nodes_fit(nodes: int, environ: Mapping[str, str] | None = None) -> None:
+    """ConfigError naming ``pretrain.nodes`` when the pretrain partition cannot give a job that many nodes.
+
+    Slurm accepts such a job and leaves it pending for ever (reason PartitionNodeLimit), so Snakemake
+    would wait for ever. The partition is the Slurm profile's (``BF_SLURM_GPU_PARTITION``, else
+    ``BF_SLURM_PARTITION``, else the default one); nothing is checked for one node or where there is no
+    ``scontrol``.
+    """
+    scontrol = shutil.which("scontrol")
+    if nodes <= 1 or scontrol is None:
+        return
+    env = os.environ if environ is None else environ
+    partition = env.get("BF_SLURM_GPU_PARTITION") or env.get("BF_SLURM_PARTITION") or None
+    try:
+        out = subprocess.run([scontrol, "show", "partition", "-o"], capture_output=True, text=True, timeout=30,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    found = partition_node_limit(out.stdout, partition) if out.returncode == 0 else None
+    if found is not None and nodes > found[1]:
+        raise ConfigError("pretrain.nodes", f"{nodes} nodes per pretrain job, but Slurm partition {found[0]!r} gives "
+                                            f"a job at most {found[1]}")
 
 
 def node_resources(nodes: int) -> dict[str, Any]:
