@@ -48,7 +48,8 @@ def test_multi_node_launcher_is_srun_torchrun_with_a_c10d_rendezvous():
 def test_multi_node_launcher_is_valid_shell_and_says_it_needs_a_slurm_job():
     command = launcher(0, nodes=2) + " --family brainlm"
     assert subprocess.run(["bash", "-n", "-c", command], check=False).returncode == 0
-    done = subprocess.run(["env", "-u", "SLURM_JOB_ID", "bash", "-c", command], capture_output=True, text=True, check=False)
+    done = subprocess.run(["env", "-u", "SLURM_JOB_ID", "bash", "-c", command], capture_output=True, text=True,
+                          check=False)
     assert done.returncode != 0 and "pretrain.nodes > 1 runs inside a Slurm job" in done.stderr
 
 

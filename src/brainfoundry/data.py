@@ -2,13 +2,13 @@
 
 Work is split in units of (shard, row group). Each epoch the units are permuted (same permutation on
 every rank), then dealt round-robin to the ``world_size x num_workers`` readers, so every run is read
-exactly once per epoch (``partition="row_groups"``). With ``partition="samples"`` (the trainer's default)
-every rank plans the one-process stream instead and keeps its slice of each global batch, so a run on G
-ranks sees the batches of the one-process run whatever G is; each rank then decodes the row groups its
-slices come from (with shuffling, about all of them). A reader decodes its row groups in order (one sequential read per row
-group, never one per sample) and shuffles with a bounded buffer: up to ``R`` decoded row groups are
-resident, each sample is drawn uniformly from their remaining rows, and an exhausted row group is
-replaced by the next one (``R = ceil(buffer_size / rows per row group)``).
+exactly once per epoch (``partition="row_groups"``). With ``partition="samples"`` (the trainer's
+default) every rank plans the one-process stream instead and keeps its slice of each global batch, so
+a run on G ranks sees the batches of the one-process run whatever G is; each rank then decodes the row
+groups its slices come from (with shuffling, about all of them). A reader decodes its row groups in
+order (one sequential read per row group, never one per sample) and shuffles with a bounded buffer:
+up to ``R`` decoded row groups are resident, each sample is drawn uniformly from their remaining rows,
+and an exhausted row group is replaced by the next one (``R = ceil(buffer_size / rows per row group)``).
 
 The yield order is planned from metadata alone (run ids, splits, lengths) before any series is
 decoded; row groups are then decoded as the plan needs them. Crop offsets depend only on
@@ -118,7 +118,7 @@ class ShardDataset(IterableDataset):
         stream (``b = batch_size``, needed), so the global batches do not depend on the number of ranks.
         An epoch's last, short block is split as evenly as possible; it is dropped with ``drop_last``, and,
         when it has fewer samples than ranks, by a shuffled stream (so that every training rank takes every
-        step); an unshuffled one leaves the last ranks without a batch for it.
+        step); an unshuffled (evaluation) one leaves some ranks without a batch for it.
     batch_size, drop_last
         Yield batches of this many samples (per worker; the last one smaller unless ``drop_last``)
         instead of single samples. Use with ``DataLoader(batch_size=None)``; :class:`ShardLoader`
@@ -356,7 +356,7 @@ class ShardDataset(IterableDataset):
             piece = order[first:first + block]
             n = len(piece)
             # A shuffled (training) stream keeps every rank taking every step: a short block that cannot
-            # give each rank a sample is skipped by all. An evaluation stream hands it to the first ranks.
+            # give each rank a sample is skipped by all. An evaluation stream hands it to some ranks.
             if n < block and (self.drop_last or (n < world and self.shuffle)):
                 continue
             lo, hi = (rank * self.batch_size, (rank + 1) * self.batch_size) if n == block else \
