@@ -2,9 +2,8 @@
 # (model.safetensors + model.json, metrics.csv, learning_curve.png in the report). GPUs come from the
 # `gpu` resource locally (config pretrain.gpus; 0 = CPU, the demo) and from the Slurm profile's `gres`
 # (GPUs per node) on a cluster; with more than one GPU the job runs torchrun on its node (DDP over
-# env://, NCCL). With
-# pretrain.nodes > 1 the job asks Slurm for that many nodes and starts one torchrun per node with srun
-# (c10d rendezvous; brainfoundry.workflow.pretrain.launcher).
+# env://, NCCL). With pretrain.nodes > 1 the job asks Slurm for that many nodes and starts one torchrun
+# per node with srun (c10d rendezvous; brainfoundry.workflow.pretrain.launcher).
 # A killed job resumes from results/models/<family>/checkpoint.pt when it is run again (--resume
 # auto); a checkpoint of other settings or data is not resumed (the log says why): training starts over.
 import json
