@@ -85,7 +85,8 @@ def check_config(config: Mapping[str, Any], schema_path: str | Path, limit: int 
     """
     import yaml
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    # libyaml's loader when built (several times faster; every snakemake process, every Slurm job, parses this).
+    schema = yaml.load(Path(schema_path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     found = schema_errors(config, schema)
     if found:
         (key, problem), rest = found[0], found[1:limit]
@@ -102,7 +103,9 @@ def families_needing_centroids(config: Mapping[str, Any]) -> list[str]:
 
     ``model.spatial_embedding: learned`` (BrainLM, BrainMass) needs none; the LCM and SC-MBM have no such setting.
     """
-    from brainfoundry.models import make_config  # imports the family's module (torch): only reached without centroids
+    from brainfoundry.models import (
+        make_config,  # imports the family's module (torch): only reached without centroids
+    )
     from brainfoundry.train_settings import resolve_settings
     from brainfoundry.workflow.pretrain import workflow_settings
 

@@ -19,9 +19,10 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 
 def _current_umask() -> int:
@@ -254,6 +255,8 @@ def read_parquet_verified(path: str | os.PathLike, what: str, *, sha256: str | N
         if actual != sha256:
             raise checksum_mismatch(path, actual, sha256, recorded_in or "its sidecar")
     try:
-        return pq.read_table(pa.BufferReader(data), columns=columns, **PARQUET_READ_OPTIONS)
+        # ParquetFile, not read_table: one file needs no dataset layer (pyarrow.dataset imports pandas,
+        # ~0.5 s of every pfc job's start-up; benchmarks/bench_job_startup.py).
+        return pq.ParquetFile(pa.BufferReader(data), **PARQUET_READ_OPTIONS).read(columns=columns)
     except Exception as err:  # pyarrow raises several types for unreadable files
         raise parquet_error(path, what, err) from err

@@ -13,10 +13,11 @@ from brainfoundry.workflow import fmriprep as fmriprep_wf
 
 
 if ENTRY == "raw":
+    RAW_BOLD = fmriprep_wf.raw_inputs(RUNS)
 
     rule fmriprep:
         input:
-            raw=lambda wildcards: fmriprep_wf.raw_inputs(RUNS, wildcards.subject),
+            raw=lambda wildcards: RAW_BOLD.get(wildcards.subject, []),
             license=fmriprep_wf.settings(config)["fs_license"],
         output:
             fmriprep_wf.report_pattern(config),

@@ -29,9 +29,13 @@ def report_pattern(config: Mapping[str, Any]) -> str:
     return _fmriprep.subject_report(config["derivatives_dir"], "{subject}")
 
 
-def raw_inputs(runs, subject: str) -> list[str]:
-    """The raw BOLD files of a subject's runs (the run table's ``raw_bold``)."""
-    return [str(path) for path in runs.loc[runs["subject"] == subject, "raw_bold"]]
+def raw_inputs(runs) -> dict[str, list[str]]:
+    """Subject -> the raw BOLD files of its runs (the run table's ``raw_bold``), built once: a lookup
+    per subject's job, not a scan of the whole table (which grows as subjects x runs at DAG build)."""
+    by_subject: dict[str, list[str]] = {}
+    for subject, path in zip(runs["subject"], runs["raw_bold"]):
+        by_subject.setdefault(subject, []).append(str(path))
+    return by_subject
 
 
 def shell_param(config: Mapping[str, Any]):
