@@ -8,8 +8,10 @@ CC200 centroids. Trains BrainLM with config/abide.yaml's settings plus the overr
 optimizer, schedule and per-sample mask seeds, on 1 thread; every ``trainer.eval_every`` steps prints one
 JSON line: validation loss and the zero predictor's loss on the same hidden tokens (64 centre windows of
 validation subjects), and the held-out masked reconstruction R² at mask 0.5 (test subjects, 2 windows
-per run, the evaluation's R² over masked points). Environment: TSTD=s re-draws learned time-position
-tables with std s (a measurement knob only). Results also go to /tmp/brainlm_curve/NAME.json.
+per run, the evaluation's R² over masked points). Environment (measurement knobs only): ZRUN=1 z-scores
+each run per parcel first (what `timeseries.standardize: zscore` does at import; cached separately),
+TSTD=s / SSTD=s re-draw the learned time / parcel tables with std s, XAVIER=1 re-initialises every linear
+layer but the patch embedding with Xavier-uniform. Results also go to /tmp/brainlm_curve/NAME.json.
 """
 import json
 import os
@@ -50,6 +52,8 @@ def prepare() -> None:
         if not f.exists():
             continue
         x, _ = read_series_file(f)
+        if os.environ.get("ZRUN"):
+            sd = x.std(0); x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
         sub = f"sub-{int(r.SUB_ID):07d}"
         series.append(x.astype(np.float32)); subs.append(sub)
         splits.append(split_of(sub, 20261122, {"train": 0.7, "val": 0.15, "test": 0.15}))
@@ -60,7 +64,7 @@ def prepare() -> None:
     img = nib.load("../shared/data/atlases/cc200/CC200.nii.gz")
     coords = parcel_centroids(np.asarray(img.dataobj).astype(int), img.affine, list(range(1, 201)))
     lens = np.array([len(s) for s in series])
-    np.savez(CACHE / "abide.npz", data=np.concatenate([(s - med) / iqr for s in series]).astype(np.float32),
+    np.savez(CACHE / ("abide_z.npz" if os.environ.get("ZRUN") else "abide.npz"), data=np.concatenate([(s - med) / iqr for s in series]).astype(np.float32),
              lens=lens, splits=splits, subs=np.array(subs), coords=coords)
     print(len(series), dict(zip(*np.unique(splits, return_counts=True))), (lens >= 100).sum(), coords.shape)
 
@@ -70,15 +74,22 @@ name, budget = sys.argv[1], float(sys.argv[2])
 cfg_all = yaml.safe_load(Path("config/abide.yaml").read_text())
 mvals, tc = resolve_settings("brainlm", cfg_all, sys.argv[3:])
 CACHE.mkdir(exist_ok=True)
-if not (CACHE / "abide.npz").exists():
+if not (CACHE / ("abide_z.npz" if os.environ.get("ZRUN") else "abide.npz")).exists():
     prepare()
-d = dict(np.load(CACHE / "abide.npz"))
+d = dict(np.load(CACHE / ("abide_z.npz" if os.environ.get("ZRUN") else "abide.npz")))
 offs = np.concatenate([[0], np.cumsum(d["lens"])])
 runs = [d["data"][offs[i]:offs[i + 1]] for i in range(len(d["lens"]))]
 W = mvals.get("window", 100)
 mvals = {**mvals, "n_parcels": 200}
 model = build_model("brainlm", mvals, coords=d["coords"])
 c = model.config
+if os.environ.get("XAVIER"):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not model.patch_embed:
+            torch.nn.init.xavier_uniform_(m.weight)
+if os.environ.get("SSTD"):
+    for sp in (model.spatial, model.decoder_spatial):
+        torch.nn.init.normal_(sp.table, std=float(os.environ["SSTD"]))
 if os.environ.get("TSTD"):
     for p in (model.temporal, model.decoder_temporal):
         torch.nn.init.normal_(p, std=float(os.environ["TSTD"]))

@@ -368,3 +368,23 @@ def test_networks_cls_attention_of_a_real_brainlm_runs(evs, settings):
     assert info["status"] == "ok", info
     values = _agg(table, "cls_attention_probe").set_index("metric")["value"]
     assert 0.0 <= values["balanced_accuracy"] <= 1.0
+
+
+def test_one_patch_brainlm_reconstructs_but_skips_forecasting(evs, settings):
+    import torch
+
+    from brainfoundry.evaluate.families import TorchModelAdapter
+    from brainfoundry.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("brainlm", {"n_parcels": evs.n_parcels, "window": 40, "patch_size": 40, "dim": 16, "depth": 1,
+                                    "heads": 2, "decoder_dim": 8, "decoder_depth": 1, "decoder_heads": 2,
+                                    "mask_ratio": 0.5, "future_patches": 0, "future_prob": 0.0},
+                        coords=evs.parcel_coords)
+    adapter = TorchModelAdapter(model, "onepatch")
+    assert "reconstruct" in adapter.capabilities and "forecast" not in adapter.capabilities
+    s = EvalSettings.from_dict({**settings.to_dict(), "window": 40, "patch": 40, "context": 30, "horizon": 10})
+    _, info = run_task("reconstruction", "onepatch", evs, s, adapter=adapter)
+    assert info["status"] == "ok", info
+    _, info = run_task("forecasting", "onepatch", evs, s, adapter=adapter)
+    assert info["status"] == "skipped" and "forecast" in " ".join(info["notes"])

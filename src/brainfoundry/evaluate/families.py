@@ -70,7 +70,10 @@ class TorchModelAdapter(ModelAdapter):
             self.window = int(brain.config.window)
             self.min_length = self.window
             self.patch = int(brain.config.patch_size)
-            caps |= {"reconstruct", "forecast", "forecast_features", "cls_attention"}
+            caps |= {"reconstruct", "cls_attention"}
+            # One time patch per window (patch_size == window) leaves no later patch to forecast.
+            if brain.config.n_patches > 1:
+                caps |= {"forecast", "forecast_features"}
         else:  # BrainMass and the LCM read a connectivity matrix: any series long enough for a correlation
             self.window = None
             self.min_length = 20
